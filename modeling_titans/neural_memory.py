@@ -1,0 +1,294 @@
+"""The neural long-term memory of Titans as a pure PyTorch op (no Hugging Face imports).
+
+Paper: Behrouz, Zhong, Mirrokni, "Titans: Learning to Memorize at Test Time", arXiv 2501.00663 (v1 equation
+numbers below). Project decisions D2-D5 and D11 are in `shared/spec/design.md`.
+
+The memory of one head is a small MLP whose weights are trained while the model reads:
+
+    loss        l(M; k, v) = 1/2 ||M(k) - v||^2                           (Eq. 12, D4)
+    surprise    S_t = eta_t S_{t-1} - theta_t grad l(M_{t'}; k_t, v_t)    (Eq. 14)
+    forgetting  M_t = (1 - alpha_t) M_{t-1} + S_t                         (Eq. 13)
+    read        y_t = M_t*(q_t)                                           (Eq. 15, D5: after the write of x_t)
+
+Gradients are taken at M_{t'}, the weights at the start of the chunk that holds t (Sec. 3.2, chunks of
+`chunk_size` tokens). Inside a chunk the recurrence is linear, so with per-head scalar gates a whole chunk has a
+closed form (paper.md Sec. 2.6, derived from Eqs. 16-18). Index the chunk's tokens 1..c, let
+beta_t = prod_{j<=t} (1 - alpha_j) and E_t = prod_{j<=t} eta_j, and u_i the gradient of token i at M_{t'}:
+
+    S_t = E_t S_0 - sum_{i<=t} theta_i (E_t / E_i) u_i
+    M_t = beta_t M_0 + A_t S_0 - sum_{i<=t} C_{t,i} u_i
+    A_t = sum_{s<=t} (beta_t / beta_s) E_s,   C_{t,i} = theta_i sum_{s=i..t} (beta_t / beta_s)(E_s / E_i)
+
+Every per-token gradient of an MLP layer is an outer product u_i = a_i^T g_i (layer input times back-propagated
+error), so each token's read M_t(q_t) needs only matmuls against the chunk's a and g (the TTT "dual form"): no
+per-token copy of the weights is ever built. The outer loss back-propagates through all of it.
+
+Conventions: weights are stored per layer as (batch, heads, d_in, d_out) and act on row vectors (x @ W);
+sequences are (batch, heads, tokens, d_head); gates are (batch, heads, tokens). All state math runs in fp32
+(fp64 when the inputs are fp64, for gradcheck), whatever the model dtype (D11).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+Weights = tuple[torch.Tensor, ...]
+
+LAYER_NORM_EPS = 1e-5
+
+
+@dataclass
+class MemoryState:
+    """Fast weights of every row and head; one tensor per memory layer, (batch, heads, d_in, d_out)."""
+
+    weights: Weights  # M_t, the weights after the last token written
+    snapshot: Weights  # M_{t'}, the weights at the start of the current chunk: gradients are taken here
+    momentum: Weights | None  # S_t; None when momentum is switched off (eta = 0)
+
+    def map(self, fn) -> "MemoryState":
+        """Applies `fn` to every tensor (row selection, device moves)."""
+        return MemoryState(
+            weights=tuple(fn(w) for w in self.weights),
+            snapshot=tuple(fn(w) for w in self.snapshot),
+            momentum=None if self.momentum is None else tuple(fn(s) for s in self.momentum),
+        )
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for the memory math (D11), fp64 only when asked for (gradcheck)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def initial_state(initial_weights, batch_size: int, use_momentum: bool = True) -> MemoryState:
+    """M_0 (learned, one per head, shared by the batch; D2) expanded to `batch_size` rows, with S_0 = 0."""
+    weights = tuple(
+        w.to(compute_dtype(w.dtype)).unsqueeze(0).expand(batch_size, *w.shape) for w in initial_weights
+    )
+    momentum = tuple(torch.zeros_like(w) for w in weights) if use_momentum else None
+    return MemoryState(weights=weights, snapshot=weights, momentum=momentum)
+
+
+def select_rows(condition: torch.Tensor, if_true: Weights, if_false: Weights) -> Weights:
+    """Per-row choice between two sets of weights; `condition` is (batch,) bool."""
+    mask = condition.view(-1, 1, 1, 1)
+    return tuple(torch.where(mask, a, b) for a, b in zip(if_true, if_false))
+
+
+def layer_norm(z: torch.Tensor) -> torch.Tensor:
+    """LayerNorm over the last dim without affine parameters (D2: no inner-loop LN parameters)."""
+    mean = z.mean(-1, keepdim=True)
+    var = (z - mean).pow(2).mean(-1, keepdim=True)
+    return (z - mean) * torch.rsqrt(var + LAYER_NORM_EPS)
+
+
+def _gelu_derivative(z: torch.Tensor) -> torch.Tensor:
+    cdf = 0.5 * (1.0 + torch.erf(z * (1.0 / math.sqrt(2.0))))
+    pdf = torch.exp(-0.5 * z * z) * (1.0 / math.sqrt(2.0 * math.pi))
+    return cdf + z * pdf
+
+
+def memory_read(weights: Weights, x: torch.Tensor) -> torch.Tensor:
+    """M*(x): a forward pass without weight update (Eq. 15).
+
+    Depth 1 is a matrix memory, M(x) = x W. Depth L >= 2 is M(x) = x + LN(W_L gelu(... gelu(x W_1))) (D2,
+    NeurIPS Sec. 3.3: residual and LayerNorm, GELU, expansion in the hidden layers).
+    """
+    h = x
+    for layer, w in enumerate(weights):
+        h = h @ w
+        if layer < len(weights) - 1:
+            h = F.gelu(h)
+    return h if len(weights) == 1 else x + layer_norm(h)
+
+
+def memory_gradient_factors(weights: Weights, keys: torch.Tensor, values: torch.Tensor):
+    """Per-token gradients of l(M; k, v) = 1/2 ||M(k) - v||^2 with respect to every weight matrix (Eq. 12).
+
+    Returns (inputs, errors): for layer l, the gradient of token i is inputs[l][..., i, :]^T errors[l][..., i, :],
+    an outer product. Computed in closed form (D4) with ordinary differentiable ops, so the outer loss
+    back-propagates through the inner gradient (second-order terms included).
+    """
+    inputs, pre_activations = [], []
+    h = keys
+    for layer, w in enumerate(weights):
+        inputs.append(h)
+        z = h @ w
+        pre_activations.append(z)
+        h = F.gelu(z) if layer < len(weights) - 1 else z
+    if len(weights) == 1:
+        error = h - values
+    else:  # back through the residual and the LayerNorm
+        normed = layer_norm(h)
+        out_error = keys + normed - values
+        inv_std = torch.rsqrt(h.var(-1, unbiased=False, keepdim=True) + LAYER_NORM_EPS)
+        error = inv_std * (
+            out_error - out_error.mean(-1, keepdim=True) - normed * (out_error * normed).mean(-1, keepdim=True)
+        )
+    errors = [error]
+    for layer in range(len(weights) - 1, 0, -1):
+        error = (error @ weights[layer].transpose(-1, -2)) * _gelu_derivative(pre_activations[layer - 1])
+        errors.append(error)
+    return inputs, errors[::-1]
+
+
+def _pairwise_decay(log_cumulative: torch.Tensor) -> torch.Tensor:
+    """exp(L_t - L_s) for s <= t, 0 above the diagonal: ratios of cumulative products, built in log space."""
+    length = log_cumulative.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=log_cumulative.device).tril()
+    diff = log_cumulative.unsqueeze(-1) - log_cumulative.unsqueeze(-2)
+    return torch.exp(diff.masked_fill(~causal, float("-inf")))
+
+
+def chunk_update(
+    grad_point: Weights,
+    weights: Weights,
+    momentum: Weights | None,
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    log_retain: torch.Tensor,
+    log_momentum: torch.Tensor | None,
+    lr: torch.Tensor,
+    write_mask: torch.Tensor | None = None,
+):
+    """Writes one chunk of tokens and reads every token's query after its own write.
+
+    Args:
+        grad_point: M_{t'}, where every token's gradient is taken (the chunk-start weights).
+        weights, momentum: M and S before the first token of the chunk (momentum None: eta = 0).
+        queries, keys, values: (batch, heads, c, d_head).
+        log_retain: log(1 - alpha_t); log_momentum: log(eta_t) or None; lr: theta_t. All (batch, heads, c).
+        write_mask: (batch, 1, c), 1 for tokens that write. A masked token leaves M and S untouched; the caller
+            also gives it alpha = 0, eta = 1 and theta = 0 (see `mask_gates`).
+
+    Returns:
+        reads (batch, heads, c, d_head) = M_t*(q_t) per token, and M, S after the last token.
+    """
+    inputs, errors = memory_gradient_factors(grad_point, keys, values)
+    log_beta = log_retain.cumsum(-1)
+    decay = _pairwise_decay(log_beta)  # beta_t / beta_s
+    if write_mask is not None:
+        decay = decay * write_mask.unsqueeze(-2)  # only writing tokens add S_s into M
+    if log_momentum is None:  # eta = 0: S_t = -theta_t u_t, so C_{t,i} = theta_i beta_t / beta_i
+        coeff = decay * lr.unsqueeze(-2)
+        carry = None
+    else:
+        log_eta = log_momentum.cumsum(-1)
+        momentum_decay = _pairwise_decay(log_eta)  # E_s / E_i
+        coeff = (decay @ momentum_decay) * lr.unsqueeze(-2)  # C_{t,i}
+        carry = decay @ log_eta.exp().unsqueeze(-1)  # A_t, (batch, heads, c, 1)
+    beta = log_beta.exp().unsqueeze(-1)
+
+    # Reads: layer by layer, M_t applied to the read path's activation h_t (dual form).
+    h = queries
+    for layer, (w, a, g) in enumerate(zip(weights, inputs, errors)):
+        z = beta * (h @ w) - (coeff * (h @ a.transpose(-1, -2))) @ g
+        if carry is not None:
+            z = z + carry * (h @ momentum[layer])
+        h = F.gelu(z) if layer < len(weights) - 1 else z
+    reads = h if len(weights) == 1 else queries + layer_norm(h)
+
+    # State after the chunk's last token.
+    last_coeff = coeff[..., -1, :].unsqueeze(-1)  # C_{c,i}
+    new_weights = tuple(
+        beta[..., -1:, :] * w - a.transpose(-1, -2) @ (last_coeff * g) for w, a, g in zip(weights, inputs, errors)
+    )
+    if momentum is None:
+        return reads, new_weights, None
+    new_weights = tuple(w + carry[..., -1:, :] * s for w, s in zip(new_weights, momentum))
+    surprise_coeff = (lr * momentum_decay[..., -1, :]).unsqueeze(-1)  # theta_i E_c / E_i
+    eta_total = log_eta[..., -1:].exp().unsqueeze(-1)
+    new_momentum = tuple(
+        eta_total * s - a.transpose(-1, -2) @ (surprise_coeff * g) for s, a, g in zip(momentum, inputs, errors)
+    )
+    return reads, new_weights, new_momentum
+
+
+def mask_gates(log_retain, log_momentum, lr, write_mask):
+    """Makes masked tokens (padding) the identity: alpha = 0, eta = 1, theta = 0. `write_mask` is (batch, 1, T)."""
+    if write_mask is None:
+        return log_retain, log_momentum, lr
+    log_retain = log_retain * write_mask
+    log_momentum = None if log_momentum is None else log_momentum * write_mask
+    return log_retain, log_momentum, lr * write_mask
+
+
+def neural_memory_scan(
+    state: MemoryState,
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    log_retain: torch.Tensor,
+    log_momentum: torch.Tensor | None,
+    lr: torch.Tensor,
+    chunk_size: int,
+    write_mask: torch.Tensor | None = None,
+):
+    """Chunked parallel form for training and prefill (Sec. 3.2): loops over chunks, never over tokens.
+
+    Index 0 must be a chunk boundary of every row (the caller starts each row at a chunk boundary). Padding is
+    allowed only after a row's last real token (`write_mask` (batch, T), 1 = real): it is the identity and never
+    closes a chunk, so the returned state of every row is the state after its own last token.
+
+    Returns reads (batch, heads, T, d_head) in the input dtype and the new `MemoryState`.
+    """
+    dtype = compute_dtype(queries.dtype)
+    queries, keys, values = (x.to(dtype) for x in (queries, keys, values))
+    mask = None if write_mask is None else write_mask.to(dtype).unsqueeze(1)
+    log_retain, log_momentum, lr = mask_gates(log_retain, log_momentum, lr, mask)
+    weights, momentum, snapshot = state.weights, state.momentum, state.snapshot
+    reads = []
+    for start in range(0, queries.shape[-2], chunk_size):
+        chunk = slice(start, start + chunk_size)
+        chunk_reads, weights, momentum = chunk_update(
+            snapshot,
+            weights,
+            momentum,
+            queries[..., chunk, :],
+            keys[..., chunk, :],
+            values[..., chunk, :],
+            log_retain[..., chunk],
+            None if log_momentum is None else log_momentum[..., chunk],
+            lr[..., chunk],
+            None if mask is None else mask[..., chunk],
+        )
+        reads.append(chunk_reads)
+        end = start + chunk_reads.shape[-2]
+        if end - start == chunk_size:  # a full chunk: the next one takes its gradients here
+            snapshot = weights if write_mask is None else select_rows(write_mask[:, end - 1].bool(), weights, snapshot)
+    return torch.cat(reads, dim=-2), MemoryState(weights=weights, snapshot=snapshot, momentum=momentum)
+
+
+def neural_memory_step(
+    state: MemoryState,
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    log_retain: torch.Tensor,
+    log_momentum: torch.Tensor | None,
+    lr: torch.Tensor,
+    closes_chunk: torch.Tensor,
+):
+    """One token per row, for decoding: the same math as a chunk of length one.
+
+    `closes_chunk` (batch,) bool says, per row, whether this token is the last of its chunk; there the weights
+    become the gradient point of the next chunk, exactly as in `neural_memory_scan`.
+    """
+    dtype = compute_dtype(queries.dtype)
+    reads, weights, momentum = chunk_update(
+        state.snapshot,
+        state.weights,
+        state.momentum,
+        queries.to(dtype),
+        keys.to(dtype),
+        values.to(dtype),
+        log_retain,
+        log_momentum,
+        lr,
+    )
+    snapshot = select_rows(closes_chunk, weights, state.snapshot)
+    return reads, MemoryState(weights=weights, snapshot=snapshot, momentum=momentum)
