@@ -1,0 +1,3 @@
+from .configuration_titans import TitansConfig
+
+__all__ = ["TitansConfig"]

@@ -1,0 +1,182 @@
+"""Titans model configuration.
+
+The Titans fields follow `shared/spec/design.md` (D2-D9); the paper's sizes are in the presets
+(`TitansConfig.from_preset("170m")`, paper.md Sec. 5).
+"""
+
+import json
+import os
+
+from transformers import PreTrainedConfig
+
+VARIANTS = ("mac", "mag", "mal", "lmm")
+GATE_ACTIVATIONS = ("sigmoid", "silu", "tanh")
+PRESET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")
+
+# Version of the config format written by this code. A checkpoint written by a newer format is refused with a
+# clear message instead of being loaded with fields this code does not know.
+TITANS_FORMAT_VERSION = 1
+
+
+class TitansConfig(PreTrainedConfig):
+    r"""Configuration of a Titans language model (Behrouz et al., arXiv 2501.00663).
+
+    Backbone fields are the usual Llama ones. Titans fields:
+
+    - `variant`: `"mac"` (memory as context), `"mag"` (memory as gate), `"mal"` (memory as layer) or `"lmm"`
+      (the neural memory alone).
+    - `memory_depth` (L_M >= 1; 1 = matrix memory), `memory_expansion` (hidden width of a deep memory, as a
+      multiple of the head width), `memory_num_heads` (each head has its own memory MLP over
+      `hidden_size / memory_num_heads` channels).
+    - `memory_chunk_size`: tokens per inner gradient step (b in Sec. 3.2); gradients of a chunk are taken at the
+      weights of its start.
+    - `segment_size` (MAC): tokens per attention segment; a multiple of `memory_chunk_size`.
+    - `sliding_window` (MAG, MAL): tokens each query sees, itself included.
+    - `num_persistent_tokens`: learned attention prefix of every attention layer (Eq. 19, D7).
+    - `conv_kernel_size`: causal depthwise convolution on the memory's q, k, v (Sec. 4.4).
+    - `memory_lr_max`: cap theta_max of the inner learning rate theta_t = theta_max * sigmoid(.) (D3).
+    - `memory_forget_init`, `memory_momentum_init`, `memory_lr_init`: initial values of alpha, eta and
+      theta / theta_max; they set the gate biases.
+    - Ablations of the paper's Table 5 (D9): `use_momentum`, `use_forgetting`, `use_conv`,
+      `num_persistent_tokens=0`, `memory_depth=1`.
+    - `gate_activation`: the non-linearity of the MAG / MAC output gate.
+    """
+
+    model_type = "titans"
+    keys_to_ignore_at_inference = ["cache"]
+
+    vocab_size: int = 32000
+    hidden_size: int = 768
+    intermediate_size: int = 2048
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 16
+    num_key_value_heads: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 1_048_576
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    attention_dropout: float = 0.0
+    use_cache: bool = True
+    tie_word_embeddings: bool = False
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+
+    variant: str = "mag"
+    memory_depth: int = 2
+    memory_expansion: int = 4
+    memory_num_heads: int = 16
+    memory_chunk_size: int = 16
+    segment_size: int = 512
+    sliding_window: int = 2048
+    num_persistent_tokens: int = 128
+    conv_kernel_size: int = 4
+    memory_lr_max: float = 1.0
+    memory_forget_init: float = 0.01
+    memory_momentum_init: float = 0.9
+    memory_lr_init: float = 0.1
+    use_momentum: bool = True
+    use_forgetting: bool = True
+    use_conv: bool = True
+    gate_activation: str = "sigmoid"
+    titans_format_version: int = TITANS_FORMAT_VERSION
+
+    def __post_init__(self, **kwargs):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        super().__post_init__(**kwargs)
+        self.validate_titans()
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def memory_head_dim(self) -> int:
+        return self.hidden_size // self.memory_num_heads
+
+    @property
+    def has_attention(self) -> bool:
+        return self.variant != "lmm"
+
+    def validate_titans(self):
+        """Raises ValueError naming the first field out of range and what is allowed."""
+
+        def require(condition, field, allowed):
+            if not condition:
+                raise ValueError(f"TitansConfig.{field}={getattr(self, field)!r} is invalid: {allowed}.")
+
+        if self.titans_format_version > TITANS_FORMAT_VERSION:
+            raise ValueError(
+                f"TitansConfig.titans_format_version={self.titans_format_version} was written by a newer version of "
+                f"the Titans code than this one (format {TITANS_FORMAT_VERSION}); upgrade modeling_titans to load it."
+            )
+        require(self.variant in VARIANTS, "variant", f"must be one of {VARIANTS}")
+        positive = (
+            "vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads num_key_value_heads "
+            "memory_depth memory_expansion memory_num_heads memory_chunk_size segment_size sliding_window "
+            "conv_kernel_size max_position_embeddings"
+        )
+        for field in positive.split():
+            value = getattr(self, field)
+            require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, field, "must be an integer >= 1")
+        require(
+            isinstance(self.num_persistent_tokens, int) and self.num_persistent_tokens >= 0,
+            "num_persistent_tokens",
+            "must be an integer >= 0",
+        )
+        require(
+            self.hidden_size % self.num_attention_heads == 0,
+            "hidden_size",
+            f"must be divisible by num_attention_heads={self.num_attention_heads}",
+        )
+        require(
+            self.hidden_size % self.memory_num_heads == 0,
+            "hidden_size",
+            f"must be divisible by memory_num_heads={self.memory_num_heads}",
+        )
+        require(
+            self.head_dim % 2 == 0, "hidden_size", "hidden_size / num_attention_heads must be even (rotary embedding)"
+        )
+        require(
+            self.num_attention_heads % self.num_key_value_heads == 0,
+            "num_key_value_heads",
+            f"must divide num_attention_heads={self.num_attention_heads}",
+        )
+        require(
+            self.segment_size % self.memory_chunk_size == 0,
+            "segment_size",
+            f"must be a multiple of memory_chunk_size={self.memory_chunk_size}",
+        )
+        require(self.memory_lr_max > 0, "memory_lr_max", "must be > 0")
+        for field in ("memory_forget_init", "memory_momentum_init", "memory_lr_init"):
+            require(0.0 < getattr(self, field) < 1.0, field, "must lie strictly between 0 and 1")
+        require(self.rms_norm_eps > 0, "rms_norm_eps", "must be > 0")
+        require(self.rope_theta > 0, "rope_theta", "must be > 0")
+        require(0.0 <= self.initializer_range <= 1.0, "initializer_range", "must lie in [0, 1]")
+        require(0.0 <= self.attention_dropout < 1.0, "attention_dropout", "must lie in [0, 1)")
+        require(self.gate_activation in GATE_ACTIVATIONS, "gate_activation", f"must be one of {GATE_ACTIVATIONS}")
+        require(self.hidden_act == "silu", "hidden_act", "only 'silu' (SwiGLU MLP) is implemented")
+        for field in ("pad_token_id", "bos_token_id"):
+            value = getattr(self, field)
+            require(value is None or 0 <= value < self.vocab_size, field, f"must be None or in [0, {self.vocab_size})")
+
+    @staticmethod
+    def available_presets() -> list[str]:
+        return sorted(name[:-5] for name in os.listdir(PRESET_DIR) if name.endswith(".json"))
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "TitansConfig":
+        """A named configuration: the paper's sizes ("170m", "340m", "760m", "1.3b") or small ones for tests and
+        CPU demos ("tiny", "small"). Keyword arguments override fields, e.g. `from_preset("tiny", variant="mac")`."""
+        path = os.path.join(PRESET_DIR, f"{name}.json")
+        if not os.path.isfile(path):
+            raise ValueError(f"Unknown Titans preset {name!r}; available: {', '.join(cls.available_presets())}.")
+        with open(path) as f:
+            fields = json.load(f)
+        fields.update(overrides)
+        return cls(**fields)
+
+
+__all__ = ["TitansConfig"]

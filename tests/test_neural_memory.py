@@ -1,0 +1,465 @@
+"""Correctness of the neural-memory op (`modeling_titans/neural_memory.py`) against the paper.
+
+Paper: Titans, arXiv 2501.00663 (v1 equation numbers). The reference below is written straight from the paper, one
+token at a time, with autograd for the inner gradient, and shares no code with the op under test:
+
+    loss        l(M; k, v) = 1/2 ||M(k) - v||^2                           (Eq. 12, D4)
+    surprise    S_t = eta_t S_{t-1} - theta_t grad l(M_{t'}; k_t, v_t)    (Eq. 14)
+    forgetting  M_t = (1 - alpha_t) M_{t-1} + S_t                         (Eq. 13)
+    read        y_t = M_t*(q_t), after the write of token t               (Eq. 15, D5)
+
+with t' = t - t mod chunk_size (Sec. 3.2: every gradient of a chunk is taken at the chunk-start weights).
+Memory (D2): depth 1 is M(x) = x W; depth L >= 2 is M(x) = x + LN(W_L gelu(... gelu(x W_1))), LN without affine.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from modeling_titans.neural_memory import (
+    initial_state,
+    memory_gradient_factors,
+    memory_read,
+    neural_memory_scan,
+    neural_memory_step,
+)
+
+BATCH, HEADS, D_HEAD, EXPANSION = 2, 3, 6, 2
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reference, straight from the paper
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def ref_read(weights, x):
+    """M*(x) (Eq. 15) with the D2 memory: x W for depth 1, x + LN(W_L gelu(... gelu(x W_1))) for depth >= 2."""
+    h = x
+    for layer, w in enumerate(weights):
+        h = h @ w
+        if layer < len(weights) - 1:
+            h = F.gelu(h)
+    return h if len(weights) == 1 else x + F.layer_norm(h, h.shape[-1:], eps=1e-5)
+
+
+def ref_token_gradient(weights, key, value):
+    """grad_M l(M; k, v), l = 1/2 ||M(k) - v||^2 (Eq. 12), by autograd. Rows and heads are independent, so the
+    gradient of the loss summed over them is every (row, head)'s own gradient."""
+    point = [w.detach().requires_grad_() for w in weights]
+    loss = 0.5 * (ref_read(point, key) - value).pow(2).sum()
+    return torch.autograd.grad(loss, point)
+
+
+def ref_memory(m0, q, k, v, alpha, eta, theta, chunk_size):
+    """Eqs. 12-15 token by token, gradients at M_{t'} (Sec. 3.2). m0: per layer (batch, heads, d_in, d_out);
+    q, k, v: (batch, heads, T, d); alpha, eta, theta: (batch, heads, T).
+    Returns reads, final weights M_T, snapshot (weights at the start of the current chunk) and momentum S_T."""
+    weights, momentum, reads = list(m0), [torch.zeros_like(w) for w in m0], []
+    for t in range(q.shape[-2]):
+        if t % chunk_size == 0:
+            snapshot = weights  # M_{t'}
+        at = slice(t, t + 1)  # keep a token axis of one: (batch, heads, 1, d)
+        grads = ref_token_gradient(snapshot, k[..., at, :], v[..., at, :])
+        a, e, th = (g[..., t, None, None] for g in (alpha, eta, theta))
+        momentum = [e * s - th * g for s, g in zip(momentum, grads)]  # Eq. 14
+        weights = [(1 - a) * w + s for w, s in zip(weights, momentum)]  # Eq. 13
+        reads.append(ref_read(weights, q[..., at, :]))  # Eq. 15, after the write
+    if q.shape[-2] % chunk_size == 0:  # the chunk just closed: the next one starts here
+        snapshot = weights
+    return torch.cat(reads, -2), weights, snapshot, momentum
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inputs and helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def layer_shapes(depth, d=D_HEAD, expansion=EXPANSION):
+    if depth == 1:
+        return [(d, d)]
+    dims = [d] + [expansion * d] * (depth - 1) + [d]
+    return list(zip(dims[:-1], dims[1:]))
+
+
+def make_problem(depth, length, seed=0, batch=BATCH, heads=HEADS, d=D_HEAD, dtype=torch.float64):
+    """Random M_0 (heads, d_in, d_out) per layer, unit-norm q and k (D6), and gates as raw logits."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    m0 = [randn(heads, i, o) / i**0.5 for i, o in layer_shapes(depth, d)]
+    seq = (batch, heads, length)
+    p = dict(
+        q=F.normalize(randn(*seq, d), dim=-1),
+        k=F.normalize(randn(*seq, d), dim=-1),
+        v=randn(*seq, d),
+        alpha_logit=randn(*seq) - 2.0,  # alpha ~ 0.1
+        eta_logit=randn(*seq) + 1.5,  # eta ~ 0.8
+        theta_logit=randn(*seq) - 1.5,  # theta ~ 0.2
+    )
+    return [w.to(dtype) for w in m0], {name: x.to(dtype) for name, x in p.items()}
+
+
+def gates(p):
+    """(alpha, eta, theta) of D3 from the logits."""
+    return torch.sigmoid(p["alpha_logit"]), torch.sigmoid(p["eta_logit"]), torch.sigmoid(p["theta_logit"])
+
+
+def op_gates(alpha, eta, theta):
+    """The op's gate inputs: log(1 - alpha), log(eta) (None for eta = 0: momentum off), theta."""
+    return torch.log1p(-alpha), None if eta is None else torch.log(eta), theta
+
+
+def run_scan(m0, p, alpha, eta, theta, chunk_size, write_mask=None):
+    state = initial_state(m0, p["q"].shape[0], use_momentum=eta is not None)
+    return neural_memory_scan(
+        state, p["q"], p["k"], p["v"], *op_gates(alpha, eta, theta), chunk_size=chunk_size, write_mask=write_mask
+    )
+
+
+def batched(m0, batch=BATCH):
+    return [w.unsqueeze(0).expand(batch, *w.shape) for w in m0]
+
+
+def assert_close(actual, expected, tol):
+    """Max abs error within tol relative to the tensor's scale (at least 1)."""
+    actual, expected = actual.to(torch.float64), expected.to(torch.float64)
+    assert actual.shape == expected.shape
+    err = (actual - expected).abs().max().item()
+    scale = max(expected.abs().max().item(), 1.0)
+    assert err <= tol * scale, f"max abs error {err:.3e} > {tol:.1e} * {scale:.3g}"
+
+
+def assert_all_close(actual, expected, tol):
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        assert_close(a, e, tol)
+
+
+def assert_differ(a, b, min_diff=1e-3):
+    assert (a - b).abs().max().item() > min_diff, "the switch changed nothing"
+
+
+def check_against_reference(m0, p, alpha, eta, theta, chunk_size, dtype):
+    """The op in `dtype` vs the fp64 reference on the same (dtype-rounded) inputs."""
+    reads, state = run_scan(m0, p, alpha, eta, theta, chunk_size)
+    up = lambda x: x.to(torch.float64)  # noqa: E731
+    ref_reads, ref_w, ref_snap, ref_s = ref_memory(
+        batched([up(w) for w in m0]),
+        up(p["q"]),
+        up(p["k"]),
+        up(p["v"]),
+        up(alpha),
+        torch.zeros_like(up(alpha)) if eta is None else up(eta),
+        up(theta),
+        chunk_size,
+    )
+    tol = TOL[dtype]
+    assert reads.dtype == dtype and state.weights[0].dtype == dtype
+    assert_close(reads, ref_reads, tol)
+    assert_all_close(state.weights, ref_w, tol)
+    assert_all_close(state.snapshot, ref_snap, tol)
+    if eta is None:
+        assert state.momentum is None
+    else:
+        assert_all_close(state.momentum, ref_s, tol)
+    return reads, state
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. Scan vs the naive reference
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize(
+    "chunk_size, length", [(1, 11), (4, 16), (4, 13), (16, 32), (16, 37)], ids=lambda x: str(x)
+)
+def test_scan_matches_paper_reference(dtype, depth, chunk_size, length):
+    """Eqs. 12-15 with gradients at M_{t'} (Sec. 3.2): reads and state (M_T, M_{t'}, S_T) of the chunked closed
+    form equal the per-token recurrence; chunk_size 1 is the plain per-token recurrence (D5)."""
+    m0, p = make_problem(depth, length, seed=depth * 100 + chunk_size + length, dtype=dtype)
+    check_against_reference(m0, p, *gates(p), chunk_size, dtype)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_chunking_matters(depth):
+    """The chunk comparisons above can fail: gradients at M_{t'} (Sec. 3.2) give other reads than at M_{t-1}, and
+    a snapshot of a partial chunk differs from the current weights."""
+    m0, p = make_problem(depth, 13)
+    reads_1, state_1 = run_scan(m0, p, *gates(p), chunk_size=1)
+    reads_4, state_4 = run_scan(m0, p, *gates(p), chunk_size=4)
+    assert_differ(reads_1, reads_4)
+    assert_differ(state_4.weights[0], state_4.snapshot[0])
+    assert torch.equal(state_1.weights[0], state_1.snapshot[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. Ablations (D9): no momentum, no forgetting
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("chunk_size, length", [(1, 9), (4, 14)])
+def test_no_momentum_is_eta_zero(depth, chunk_size, length):
+    """log_momentum=None is Eq. 14 with eta = 0 (S_t = -theta_t grad), the state carries no momentum, and the
+    result differs from the default gates."""
+    m0, p = make_problem(depth, length, seed=7)
+    alpha, eta, theta = gates(p)
+    reads, _ = check_against_reference(m0, p, alpha, None, theta, chunk_size, torch.float64)
+    default_reads, _ = run_scan(m0, p, alpha, eta, theta, chunk_size)
+    assert_differ(reads, default_reads)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("chunk_size, length", [(1, 9), (4, 14)])
+def test_no_forgetting_is_alpha_zero(depth, chunk_size, length):
+    """log_retain = 0 is Eq. 13 with alpha = 0, and differs from the default gates."""
+    m0, p = make_problem(depth, length, seed=8)
+    alpha, eta, theta = gates(p)
+    reads, _ = check_against_reference(m0, p, torch.zeros_like(alpha), eta, theta, chunk_size, torch.float64)
+    default_reads, _ = run_scan(m0, p, alpha, eta, theta, chunk_size)
+    assert_differ(reads, default_reads)
+
+
+def test_no_momentum_no_forgetting():
+    """Both switches off: plain chunked gradient descent on Eq. 12 (Eq. 8 with gradients at M_{t'})."""
+    m0, p = make_problem(2, 10, seed=9)
+    alpha, _, theta = gates(p)
+    check_against_reference(m0, p, torch.zeros_like(alpha), None, theta, 4, torch.float64)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Token-by-token decode step == scan
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def step_through(state, p, log_retain, log_momentum, lr, chunk_size, start, stop):
+    """`neural_memory_step` on tokens start..stop-1; position t closes its chunk when (t + 1) % chunk_size == 0."""
+    reads = []
+    for t in range(start, stop):
+        at = slice(t, t + 1)
+        closes = torch.full((p["q"].shape[0],), (t + 1) % chunk_size == 0)
+        read, state = neural_memory_step(
+            state,
+            p["q"][..., at, :],
+            p["k"][..., at, :],
+            p["v"][..., at, :],
+            log_retain[..., at],
+            None if log_momentum is None else log_momentum[..., at],
+            lr[..., at],
+            closes,
+        )
+        reads.append(read)
+    return torch.cat(reads, -2), state
+
+
+def assert_same_state(a, b, tol):
+    assert_all_close(a.weights, b.weights, tol)
+    assert_all_close(a.snapshot, b.snapshot, tol)
+    assert (a.momentum is None) == (b.momentum is None)
+    if a.momentum is not None:
+        assert_all_close(a.momentum, b.momentum, tol)
+
+
+@pytest.mark.parametrize("use_momentum", [True, False])
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("chunk_size", [1, 4, 5])
+def test_step_matches_scan(chunk_size, depth, use_momentum):
+    """Decoding one token at a time (chunk start frozen until the chunk fills, paper.md Sec. 2.6) gives the
+    reads and final state of one scan; 13 tokens is not a multiple of 4 or 5."""
+    length = 13
+    m0, p = make_problem(depth, length, seed=11)
+    alpha, eta, theta = gates(p)
+    eta = eta if use_momentum else None
+    scan_reads, scan_state = run_scan(m0, p, alpha, eta, theta, chunk_size)
+    state = initial_state(m0, BATCH, use_momentum=use_momentum)
+    step_reads, step_state = step_through(state, p, *op_gates(alpha, eta, theta), chunk_size, 0, length)
+    assert_close(step_reads, scan_reads, 1e-10)
+    assert_same_state(step_state, scan_state, 1e-10)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("chunk_size, prefix", [(4, 7), (4, 8), (5, 3), (1, 6)])
+def test_prefill_then_step_matches_scan(depth, chunk_size, prefix):
+    """Scan over a prefix (prefill, ending mid-chunk or on a boundary), then step over the rest == full scan."""
+    length = 14
+    m0, p = make_problem(depth, length, seed=12)
+    log_retain, log_momentum, lr = op_gates(*gates(p))
+    full_reads, full_state = run_scan(m0, p, *gates(p), chunk_size)
+    head = {name: x[..., :prefix, :] if x.dim() == 4 else x[..., :prefix] for name, x in p.items()}
+    pre_reads, state = neural_memory_scan(
+        initial_state(m0, BATCH),
+        head["q"],
+        head["k"],
+        head["v"],
+        log_retain[..., :prefix],
+        log_momentum[..., :prefix],
+        lr[..., :prefix],
+        chunk_size=chunk_size,
+    )
+    rest_reads, state = step_through(state, p, log_retain, log_momentum, lr, chunk_size, prefix, length)
+    assert_close(torch.cat([pre_reads, rest_reads], -2), full_reads, 1e-10)
+    assert_same_state(state, full_state, 1e-10)
+
+
+def test_scan_continues_from_chunk_boundary():
+    """A scan over the rest, started from the state of a prefix that ends on a chunk boundary, == full scan."""
+    m0, p = make_problem(2, 15, seed=13)
+    log_retain, log_momentum, lr = op_gates(*gates(p))
+    full_reads, full_state = run_scan(m0, p, *gates(p), 4)
+    state, reads = initial_state(m0, BATCH), []
+    for part in (slice(0, 8), slice(8, 15)):
+        r, state = neural_memory_scan(
+            state,
+            p["q"][..., part, :],
+            p["k"][..., part, :],
+            p["v"][..., part, :],
+            log_retain[..., part],
+            log_momentum[..., part],
+            lr[..., part],
+            chunk_size=4,
+        )
+        reads.append(r)
+    assert_close(torch.cat(reads, -2), full_reads, 1e-10)
+    assert_same_state(state, full_state, 1e-10)
+
+
+def test_step_closes_chunk_per_row():
+    """`closes_chunk` is per row: a closing row's snapshot becomes its new weights, the other row's stays."""
+    m0, p = make_problem(2, 1, seed=14)
+    state = initial_state(m0, BATCH)
+    read, new = neural_memory_step(
+        state, p["q"], p["k"], p["v"], *op_gates(*gates(p)), closes_chunk=torch.tensor([True, False])
+    )
+    for w, snap, old in zip(new.weights, new.snapshot, state.snapshot):
+        assert torch.equal(snap[0], w[0])
+        assert torch.equal(snap[1], old[1])
+        assert_differ(w[1], old[1])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. write_mask: trailing padding is the identity
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_momentum", [True, False])
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("chunk_size", [1, 4])
+def test_trailing_padding_is_identity(chunk_size, depth, use_momentum):
+    """Each row of a right-padded batch gives, on its real tokens, the reads and final state (M, M_{t'}, S) of
+    the row alone; padding never closes a chunk. Lengths 13, 6, 8 with chunk 4: rows ending mid-chunk, on a
+    boundary, and with a whole padded chunk after the last real token."""
+    lengths, total = [13, 6, 8], 13
+    m0, p = make_problem(depth, total, seed=15, batch=len(lengths))
+    p = {name: x.clone() for name, x in p.items()}
+    write_mask = torch.arange(total) < torch.tensor(lengths)[:, None]
+    for name, x in p.items():  # garbage in the padding: large values that would change everything if written
+        pad = ~write_mask.view(len(lengths), 1, total, *([1] * (x.dim() - 3)))
+        x.masked_fill_(pad.expand_as(x), 5.0)
+    alpha, eta, theta = gates(p)
+    eta = eta if use_momentum else None
+    reads, state = run_scan(m0, p, alpha, eta, theta, chunk_size, write_mask=write_mask)
+    for row, n in enumerate(lengths):
+        own = {name: x[row : row + 1, :, :n] for name, x in p.items()}
+        own_alpha, own_eta, own_theta = gates(own)
+        own_reads, own_state = run_scan(m0, own, own_alpha, own_eta if use_momentum else None, own_theta, chunk_size)
+        assert_close(reads[row : row + 1, :, :n], own_reads, 1e-10)
+        assert_same_state(state.map(lambda w: w[row : row + 1]), own_state, 1e-10)
+        mid_chunk = n % chunk_size != 0
+        assert mid_chunk == (not torch.equal(state.snapshot[0][row], state.weights[0][row]))
+
+
+def test_padding_does_not_close_chunk_against_reference():
+    """A row of 6 real tokens padded to 8 (two chunks of 4): its snapshot is M_4, the weights at the start of its
+    partial chunk (Sec. 3.2), not M_6."""
+    m0, p = make_problem(2, 8, seed=16, batch=1)
+    write_mask = (torch.arange(8) < 6)[None]
+    alpha, eta, theta = gates(p)
+    _, state = run_scan(m0, p, alpha, eta, theta, 4, write_mask=write_mask)
+    cut = lambda x: x[..., :6, :] if x.dim() == 4 else x[..., :6]  # noqa: E731
+    _, ref_w, ref_snap, ref_s = ref_memory(
+        batched(m0, 1), *(cut(p[n]) for n in ("q", "k", "v")), cut(alpha), cut(eta), cut(theta), 4
+    )
+    assert_all_close(state.weights, ref_w, 1e-10)
+    assert_all_close(state.snapshot, ref_snap, 1e-10)
+    assert_all_close(state.momentum, ref_s, 1e-10)
+    assert_differ(state.snapshot[0], state.weights[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. Outer gradients (D4: the outer loss back-propagates through the inner updates)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_momentum", [True, False])
+@pytest.mark.parametrize("depth, chunk_size", [(1, 2), (2, 3), (2, 2)])
+def test_gradcheck_scan(depth, chunk_size, use_momentum):
+    """gradcheck (fp64) of reads and final state w.r.t. q, k, v, the raw gate logits (D3) and M_0 (D2, shared by
+    the batch), through second-order terms of the inner gradient; 5 tokens, the last chunk partial."""
+    batch, heads, d, length = 2, 2, 3, 5
+    m0, p = make_problem(depth, length, seed=17, batch=batch, heads=heads, d=d)
+    names = ["q", "k", "v", "alpha_logit", "eta_logit", "theta_logit"]
+    inputs = [p[n].clone().requires_grad_() for n in names] + [w.clone().requires_grad_() for w in m0]
+
+    def fn(q, k, v, alpha_logit, eta_logit, theta_logit, *weights):
+        state = initial_state(weights, batch, use_momentum=use_momentum)
+        log_retain = F.logsigmoid(-alpha_logit)  # log(1 - sigmoid(alpha_logit))
+        log_momentum = F.logsigmoid(eta_logit) if use_momentum else None
+        reads, out = neural_memory_scan(
+            state, q, k, v, log_retain, log_momentum, torch.sigmoid(theta_logit), chunk_size=chunk_size
+        )
+        return (reads, *out.weights, *out.snapshot, *(out.momentum or ()))
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_gradcheck_step():
+    """gradcheck (fp64) of one decode step from a non-trivial state (momentum and snapshot as inputs)."""
+    m0, p = make_problem(2, 1, seed=18, batch=2, heads=1, d=3)
+    g = torch.Generator().manual_seed(19)
+    extra = [0.3 * torch.randn(2, *w.shape, generator=g, dtype=torch.float64) for w in m0 for _ in range(3)]
+    names = ["q", "k", "v", "alpha_logit", "eta_logit", "theta_logit"]
+    inputs = [p[n].clone().requires_grad_() for n in names] + [x.requires_grad_() for x in extra]
+
+    def fn(q, k, v, alpha_logit, eta_logit, theta_logit, *tensors):
+        from modeling_titans.neural_memory import MemoryState
+
+        w, snap, s = tensors[0::3], tensors[1::3], tensors[2::3]
+        state = MemoryState(weights=w, snapshot=snap, momentum=s)
+        gate = (F.logsigmoid(-alpha_logit), F.logsigmoid(eta_logit), torch.sigmoid(theta_logit))
+        reads, out = neural_memory_step(state, q, k, v, *gate, closes_chunk=torch.tensor([True, False]))
+        return (reads, *out.weights, *out.snapshot, *out.momentum)
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 6. Building blocks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_memory_read_is_the_d2_network(depth):
+    """memory_read is M*(x) of Eq. 15 / D2."""
+    m0, p = make_problem(depth, 7, seed=20)
+    weights = [torch.randn(BATCH, *w.shape, dtype=torch.float64) for w in m0]
+    assert_close(memory_read(weights, p["q"]), ref_read(weights, p["q"]), 1e-12)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_gradient_factors_are_per_token_gradients(depth):
+    """memory_gradient_factors: inputs[l][i]^T errors[l][i] is token i's gradient of Eq. 12 w.r.t. layer l."""
+    length = 7
+    m0, p = make_problem(depth, length, seed=21)
+    weights = [w.unsqueeze(0) + 0.3 * torch.randn(BATCH, *w.shape, dtype=torch.float64) for w in m0]
+    keys = torch.randn(BATCH, HEADS, length, D_HEAD, dtype=torch.float64)  # not normalised: a harder case
+    inputs, errors = memory_gradient_factors(weights, keys, p["v"])
+    assert len(inputs) == len(errors) == depth
+    for t in range(length):
+        expected = ref_token_gradient(weights, keys[..., t : t + 1, :], p["v"][..., t : t + 1, :])
+        got = [a[..., t, :, None] * g[..., t, None, :] for a, g in zip(inputs, errors)]
+        assert_all_close(got, expected, 1e-12)
