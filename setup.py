@@ -1,8 +1,8 @@
 """Titans for Hugging Face Transformers.
 
 One import name, `modeling_titans`. The top-level folders `configuration/` and `tokenization/` (design D1) are
-installed as its subpackages `modeling_titans.configuration` and `modeling_titans.tokenization`, so nothing with
-a generic name lands in site-packages.
+installed as its subpackages `modeling_titans.configuration` and `modeling_titans.tokenization` (and `hub_upload/`
+as `modeling_titans.hub_upload`), so nothing with a generic name lands in site-packages.
 """
 
 from setuptools import setup
@@ -12,13 +12,21 @@ setup(
     version="0.1.0",
     description="Titans (Learning to Memorize at Test Time) for Hugging Face Transformers",
     python_requires=">=3.10",
-    packages=["modeling_titans", "modeling_titans.configuration", "modeling_titans.tokenization"],
+    packages=[
+        "modeling_titans",
+        "modeling_titans.commands",
+        "modeling_titans.configuration",
+        "modeling_titans.tokenization",
+        "modeling_titans.hub_upload",
+    ],
     package_dir={
         "modeling_titans": "modeling_titans",
         "modeling_titans.configuration": "configuration",
         "modeling_titans.tokenization": "tokenization",
+        "modeling_titans.hub_upload": "hub_upload",
     },
     package_data={"modeling_titans.configuration": ["presets/*.json"]},
     install_requires=["torch>=2.4", "transformers>=5.24,<6", "safetensors"],
+    entry_points={"console_scripts": ["titans = modeling_titans.cli:main"]},
     extras_require={"test": ["pytest"]},
 )

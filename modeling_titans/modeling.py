@@ -167,6 +167,7 @@ class TitansNeuralMemory(nn.Module):
             nn.Parameter(torch.empty(self.num_heads, d_in, d_out)) for d_in, d_out in zip(dims[:-1], dims[1:])
         )
         self.out_norm = TitansRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.writes_enabled = True  # False: the memory stays at M_0 (an ablation at test time; not saved)
         self.mem_gate_proj = nn.Linear(hidden, hidden, bias=False)
         self.mem_o_proj = nn.Linear(hidden, hidden, bias=False)
 
@@ -204,6 +205,8 @@ class TitansNeuralMemory(nn.Module):
             log_momentum = F.logsigmoid(momentum_logits).transpose(1, 2)
         lr_logits = F.linear(x, self.lr_gate.weight.float(), self.lr_gate.bias.float())
         lr = self.config.memory_lr_max * torch.sigmoid(lr_logits).transpose(1, 2)
+        if not self.writes_enabled:
+            return torch.zeros_like(log_retain), log_momentum, torch.zeros_like(lr)
         return log_retain, log_momentum, lr
 
     def retrieve(self, weights, queries: torch.Tensor) -> torch.Tensor:
@@ -484,6 +487,8 @@ class TitansPreTrainedModel(PreTrainedModel):
 
 
 class TitansModel(TitansPreTrainedModel):
+    """The decoder stack: embeddings, `num_hidden_layers` Titans blocks, final RMSNorm."""
+
     def __init__(self, config: TitansConfig):
         super().__init__(config)
         self.padding_idx = config.pad_token_id
@@ -496,6 +501,12 @@ class TitansModel(TitansPreTrainedModel):
 
     def get_input_embeddings(self):
         return self.embed_tokens
+
+    def set_memory_writes(self, enabled: bool):
+        """Switches test-time learning on or off in every layer. Off, each memory stays at its learned M_0:
+        the model keeps only what attention sees (and M_0's fixed knowledge), which isolates what the memory adds."""
+        for layer in self.layers:
+            layer.memory.writes_enabled = enabled
 
     def set_input_embeddings(self, value):
         self.embed_tokens = value
@@ -703,6 +714,10 @@ class TitansForCausalLM(TitansPreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
+
+    def set_memory_writes(self, enabled: bool):
+        """See `TitansModel.set_memory_writes`."""
+        self.model.set_memory_writes(enabled)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """generate() gets a TitansCache (never a DynamicCache); a cache passed in by the user is continued."""

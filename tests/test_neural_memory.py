@@ -83,21 +83,25 @@ def layer_shapes(depth, d=D_HEAD, expansion=EXPANSION):
 
 
 def make_problem(depth, length, seed=0, batch=BATCH, heads=HEADS, d=D_HEAD, dtype=torch.float64):
-    """Random M_0 (heads, d_in, d_out) per layer, unit-norm q and k (D6), and gates as raw logits."""
+    """Random M_0 (heads, d_in, d_out) per layer, q and k of norm 1.5 (l2-normalised as in D6, then scaled),
+    values that a nearby memory can fit (so the inner loop learns rather than drifts, which keeps the fp32
+    comparison well conditioned), and gates as raw logits (D3)."""
     g = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
         return torch.randn(*shape, generator=g, dtype=torch.float64)
 
     m0 = [randn(heads, i, o) / i**0.5 for i, o in layer_shapes(depth, d)]
+    target = [w + 0.5 * randn(*w.shape) / w.shape[-2] ** 0.5 for w in m0]
     seq = (batch, heads, length)
+    q, k = (1.5 * F.normalize(randn(*seq, d), dim=-1) for _ in range(2))
     p = dict(
-        q=F.normalize(randn(*seq, d), dim=-1),
-        k=F.normalize(randn(*seq, d), dim=-1),
-        v=randn(*seq, d),
-        alpha_logit=randn(*seq) - 2.0,  # alpha ~ 0.1
-        eta_logit=randn(*seq) + 1.5,  # eta ~ 0.8
-        theta_logit=randn(*seq) - 1.5,  # theta ~ 0.2
+        q=q,
+        k=k,
+        v=ref_read([w.unsqueeze(0) for w in target], k) + 0.1 * randn(*seq, d),
+        alpha_logit=randn(*seq) - 3.5,  # alpha ~ 0.03
+        eta_logit=randn(*seq) + 1.0,  # eta ~ 0.7
+        theta_logit=randn(*seq) - 2.5,  # theta ~ 0.08
     )
     return [w.to(dtype) for w in m0], {name: x.to(dtype) for name, x in p.items()}
 

@@ -1,0 +1,1 @@
+"""Subcommands of the `titans` command line (see `modeling_titans/cli.py`)."""
