@@ -7,6 +7,10 @@ as `modeling_titans.hub_upload`), so nothing with a generic name lands in site-p
 
 from setuptools import setup
 
+TRAIN = ["accelerate>=1.0", "datasets>=3.0", "tokenizers>=0.21"]
+PEFT = ["peft>=0.15"]
+BENCH = ["matplotlib>=3.7"]
+
 setup(
     name="modeling-titans",
     version="0.1.0",
@@ -28,5 +32,11 @@ setup(
     package_data={"modeling_titans.configuration": ["presets/*.json"]},
     install_requires=["torch>=2.4", "transformers>=5.24,<6", "safetensors"],
     entry_points={"console_scripts": ["titans = modeling_titans.cli:main"]},
-    extras_require={"test": ["pytest"]},
+    extras_require={
+        "train": TRAIN,
+        "peft": PEFT,
+        "bench": BENCH,
+        "all": TRAIN + PEFT + BENCH,
+        "test": ["pytest"] + TRAIN + PEFT + BENCH,
+    },
 )
