@@ -398,7 +398,10 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
         self.post_attention_layernorm = TitansRMSNorm(hidden, eps=eps)
         self.mlp = TitansMLP(config)
 
-    def forward(self, hidden_states, tokens: TokenInfo, rotary, layer_cache: TitansLayerCache | None, output_attentions=False):
+    def forward(self, hidden_states, tokens: TokenInfo, rotary, cache: TitansLayerCache | None = None, output_attentions=False):
+        """`cache` is this layer's part of the TitansCache, updated in place (a keyword argument, so that activation
+        checkpointing drops it instead of writing the state twice)."""
+        layer_cache = cache
         state = None
         if layer_cache is not None and layer_cache.memory is not None:
             state = MixerState(layer_cache.memory, layer_cache.conv_tail)
@@ -575,7 +578,9 @@ class TitansModel(TitansPreTrainedModel):
             if output_hidden_states:
                 all_hidden_states.append(shift_rows(hidden_states, offsets))
             layer_cache = cache.layers[layer_idx] if cache is not None else None
-            hidden_states, weights = decoder_layer(hidden_states, tokens, rotary, layer_cache, output_attentions)
+            hidden_states, weights = decoder_layer(
+                hidden_states, tokens, rotary, cache=layer_cache, output_attentions=output_attentions
+            )
             if output_attentions:
                 all_attentions.append(weights)
         hidden_states = shift_rows(self.norm(hidden_states), offsets)
