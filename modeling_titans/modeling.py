@@ -28,7 +28,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import can_return_tuple
 
 from .cache_titans import AttentionKeys, TitansCache, TitansLayerCache
-from .configuration.configuration_titans import TitansConfig
+from .configuration.configuration_titans import VARIANTS, TitansConfig
 from .neural_memory import MemoryState, initial_state, memory_read, neural_memory_scan, neural_memory_step, select_rows
 
 GATE_ACTIVATIONS = {"sigmoid": torch.sigmoid, "silu": F.silu, "tanh": torch.tanh}
@@ -475,6 +475,27 @@ class TitansPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = False
     _supports_attention_backend = True
     _is_stateful = True
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, refusing a checkpoint whose decoder layers do not match this model
+        (e.g. a MAG checkpoint loaded with a MAC config) instead of silently initialising the missing weights."""
+        if kwargs.get("variant") in VARIANTS:
+            raise ValueError(
+                f"from_pretrained(variant={kwargs['variant']!r}): `variant` there names a weights-file variant in "
+                "transformers. A checkpoint keeps the Titans variant it was trained with; to build another one, "
+                "use a new config: TitansForCausalLM(TitansConfig(..., variant=...))."
+            )
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        mismatched = [k for k in (*info["missing_keys"], *info["unexpected_keys"]) if "layers." in k]
+        if mismatched:
+            raise ValueError(
+                f"The checkpoint at {pretrained_model_name_or_path} does not fit this {model.config.variant!r}-variant "
+                f"Titans model: {len(mismatched)} layer weights are missing or unexpected (e.g. {mismatched[0]}). "
+                "A checkpoint of one variant or depth cannot be loaded as another."
+            )
+        return (model, info) if wants_info else model
 
     @torch.no_grad()
     def _init_weights(self, module):
