@@ -7,7 +7,8 @@ as `modeling_titans.hub_upload`), so nothing with a generic name lands in site-p
 
 from setuptools import setup
 
-TRAIN = ["accelerate>=1.0", "datasets>=3.0", "tokenizers>=0.21"]
+# The `titans` command line trains with Trainer (accelerate) on `datasets` and trains tokenizers (tokenizers).
+REQUIRES = ["torch>=2.4", "transformers>=5.24,<6", "safetensors", "accelerate>=1.0", "datasets>=3.0", "tokenizers>=0.21"]
 PEFT = ["peft>=0.15"]
 BENCH = ["matplotlib>=3.7"]
 
@@ -30,13 +31,12 @@ setup(
         "modeling_titans.hub_upload": "hub_upload",
     },
     package_data={"modeling_titans.configuration": ["presets/*.json"]},
-    install_requires=["torch>=2.4", "transformers>=5.24,<6", "safetensors"],
+    install_requires=REQUIRES,
     entry_points={"console_scripts": ["titans = modeling_titans.cli:main"]},
     extras_require={
-        "train": TRAIN,
         "peft": PEFT,
         "bench": BENCH,
-        "all": TRAIN + PEFT + BENCH,
-        "test": ["pytest"] + TRAIN + PEFT + BENCH,
+        "all": PEFT + BENCH,
+        "test": ["pytest"] + PEFT + BENCH,
     },
 )

@@ -1,0 +1,151 @@
+"""Training data: the user's text packed into fixed-length sequences (cached), and task examples turned into
+sequences with the loss on the answer. Expected token ids are written out from the byte tokenizer's definition
+(byte b -> id b + 3, <s> = 1, </s> = 2), not taken from the code under test."""
+
+import json
+
+import pytest
+import torch
+
+from modeling_titans.data import (
+    IGNORE_INDEX,
+    DataError,
+    TaskDataset,
+    encode_example,
+    hold_out,
+    load_text_dataset,
+    pack_dataset,
+)
+from modeling_titans.tasks import generate_example, generate_examples
+from modeling_titans.tokenization import TitansByteTokenizer
+
+BOS, EOS, PAD = 1, 2, 0
+
+
+def byte_ids(text: str) -> list[int]:
+    return [b + 3 for b in text.encode("utf-8")]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return TitansByteTokenizer()
+
+
+@pytest.fixture
+def text_files(tmp_path):
+    book = "Il était une fois un mémoire.\nSecond line.\n\nA new paragraph, still the same document.\n" * 3
+    (tmp_path / "book.txt").write_text(book, encoding="utf-8")
+    records = ["first record", "second, longer record with ünïcode", ""]
+    (tmp_path / "notes.jsonl").write_text("\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(records)))
+    return tmp_path / "book.txt", tmp_path / "notes.jsonl", [book] + records
+
+
+def test_files_are_packed_into_sequences_of_the_same_documents(tokenizer, text_files):
+    book, notes, documents = text_files
+    seq_len = 16
+    texts = load_text_dataset([str(book), str(notes)])
+    assert list(texts["text"]) == documents  # a .txt file is one document, exactly as written
+    packed = pack_dataset(texts, tokenizer, seq_len)
+    stream = [token for document in documents for token in [BOS] + byte_ids(document) + [EOS]]
+    expected_rows = [stream[i : i + seq_len] for i in range(0, len(stream) - seq_len + 1, seq_len)]
+    assert list(packed["input_ids"]) == expected_rows
+    assert list(packed["labels"]) == expected_rows  # the loss on every token of your own text
+    assert all(mask == [1] * seq_len for mask in packed["attention_mask"])
+
+
+def test_packing_is_cached(tokenizer, text_files):
+    book, _, _ = text_files
+    first = pack_dataset(load_text_dataset([str(book)]), tokenizer, 16)
+    assert first.cache_files, "map results are written to the datasets cache"
+    again = pack_dataset(load_text_dataset([str(book)]), TitansByteTokenizer(), 16)
+    assert again.cache_files == first.cache_files  # same files, tokenizer and length: the cache is reused
+    other_length = pack_dataset(load_text_dataset([str(book)]), tokenizer, 32)
+    assert other_length.cache_files != first.cache_files
+
+
+def test_datasets_from_disk_and_text_column(tokenizer, tmp_path):
+    import datasets
+
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"body": ["abc", "defgh"]})}).save_to_disk(str(saved))
+    texts = load_text_dataset(dataset=str(saved), text_column="body")
+    assert texts.column_names == ["text"] and list(texts["text"]) == ["abc", "defgh"]
+    packed = pack_dataset(texts, tokenizer, 4)
+    stream = [BOS] + byte_ids("abc") + [EOS, BOS] + byte_ids("defgh") + [EOS]
+    assert list(packed["input_ids"]) == [stream[0:4], stream[4:8], stream[8:12]]
+
+    with pytest.raises(DataError, match="has no 'text' field \\(fields: body\\)"):
+        load_text_dataset(dataset=str(saved))
+    only_test = tmp_path / "only_test"
+    datasets.DatasetDict({"test": datasets.Dataset.from_dict({"text": ["x"]})}).save_to_disk(str(only_test))
+    with pytest.raises(DataError, match="no 'train' split \\(splits: test\\)"):
+        load_text_dataset(dataset=str(only_test))
+
+
+def test_bad_files_give_clear_errors(tokenizer, tmp_path):
+    with pytest.raises(DataError, match="No such file: .*missing.txt"):
+        load_text_dataset([str(tmp_path / "missing.txt")])
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(DataError, match="empty.txt is empty"):
+        load_text_dataset([str(tmp_path / "empty.txt")])
+    (tmp_path / "data.csv").write_text("a,b\n")
+    with pytest.raises(DataError, match="must end in .txt, .jsonl, .json"):
+        load_text_dataset([str(tmp_path / "data.csv")])
+    (tmp_path / "no_text.jsonl").write_text('{"body": "x"}\n')
+    with pytest.raises(DataError, match="no 'text' field"):
+        load_text_dataset([str(tmp_path / "no_text.jsonl")])
+    (tmp_path / "broken.jsonl").write_text('{"text": "x"\n')
+    with pytest.raises(DataError, match="Cannot read .*broken.jsonl as JSON lines"):
+        load_text_dataset([str(tmp_path / "broken.jsonl")])
+    with pytest.raises(DataError, match="No training text given"):
+        load_text_dataset([])
+    (tmp_path / "short.txt").write_text("tiny")
+    with pytest.raises(DataError, match="holds 6 tokens, fewer than one sequence of 64"):
+        pack_dataset(load_text_dataset([str(tmp_path / "short.txt")]), tokenizer, 64)
+    with pytest.raises(DataError, match="Cannot load the dataset 'no-such/dataset-anywhere'"):
+        load_text_dataset(dataset="no-such/dataset-anywhere")  # offline in the tests, unknown anyway
+
+
+def test_hold_out_keeps_sequences_apart(tokenizer, text_files):
+    book, _, _ = text_files
+    packed = pack_dataset(load_text_dataset([str(book)]), tokenizer, 8)
+    train, validation = hold_out(packed, 0.1, seed=0)
+    assert len(validation) == round(0.1 * len(packed)) and len(train) + len(validation) == len(packed)
+    assert sorted(map(tuple, list(train["input_ids"]) + list(validation["input_ids"]))) == sorted(map(tuple, packed["input_ids"]))
+    with pytest.raises(DataError, match="only 1 sequence"):
+        hold_out(packed.select([0]), 0.1, seed=0)
+
+
+@pytest.mark.parametrize("task", ["passkey", "recall", "babi"])
+def test_task_examples_have_the_loss_on_the_answer(tokenizer, task):
+    seq_len = 300
+    example = generate_examples(task, "train", 1, seq_len - 2)[0]
+    encoded = encode_example(example, tokenizer, seq_len)
+    expected = [BOS] + byte_ids(example.prompt) + byte_ids(example.answer) + [EOS]
+    assert encoded["input_ids"].tolist() == expected  # the byte tokenizer fills the sequence exactly
+    assert encoded["attention_mask"].tolist() == [1] * seq_len
+    labels = encoded["labels"].tolist()
+    answer_start = 1 + len(example.prompt)
+    assert labels[:answer_start] == [IGNORE_INDEX] * answer_start
+    assert labels[answer_start:] == byte_ids(example.answer) + [EOS]
+    assert encode_example(example, tokenizer, seq_len, loss_on="all")["labels"].tolist() == expected
+
+
+def test_short_examples_are_right_padded_and_long_ones_refused(tokenizer):
+    example = generate_examples("passkey", "train", 1, 200)[0]
+    encoded = encode_example(example, tokenizer, 210)
+    assert encoded["input_ids"][-8:].tolist() == [PAD] * 8
+    assert encoded["attention_mask"].sum() == 202
+    assert encoded["labels"][-8:].tolist() == [IGNORE_INDEX] * 8
+    with pytest.raises(DataError, match="takes 202 tokens with this tokenizer, over 201"):
+        encode_example(example, tokenizer, 201)
+
+
+def test_task_dataset_generates_example_i_on_demand(tokenizer):
+    dataset = TaskDataset("babi", "train", 1000, 260, tokenizer, seed=7, needle_distance=100)
+    assert len(dataset) == 1000
+    for index in (0, 999):
+        example = generate_example("babi", "train", index, 258, seed=7, needle_distance=100)
+        assert torch.equal(dataset[index]["input_ids"], encode_example(example, tokenizer, 260)["input_ids"])
+    with pytest.raises(ValueError, match="too short for the babi task"):
+        TaskDataset("babi", "train", 10, 100, tokenizer)
