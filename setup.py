@@ -8,7 +8,15 @@ as `modeling_titans.hub_upload`), so nothing with a generic name lands in site-p
 from setuptools import setup
 
 # The `titans` command line trains with Trainer (accelerate) on `datasets` and trains tokenizers (tokenizers).
-REQUIRES = ["torch>=2.4", "transformers>=5.24,<6", "safetensors", "accelerate>=1.0", "datasets>=3.0", "tokenizers>=0.21"]
+REQUIRES = [
+    "torch>=2.4",
+    "transformers>=5.24,<6",
+    "safetensors",
+    "huggingface_hub",
+    "accelerate>=1.0",
+    "datasets>=3.0",
+    "tokenizers>=0.21",
+]
 PEFT = ["peft>=0.15"]
 BENCH = ["matplotlib>=3.7"]
 

@@ -164,6 +164,8 @@ class TitansConfig(PreTrainedConfig):
 
     @staticmethod
     def available_presets() -> list[str]:
+        if not os.path.isdir(PRESET_DIR):  # a flat copy in a Hub repository carries no presets
+            return []
         return sorted(name[:-5] for name in os.listdir(PRESET_DIR) if name.endswith(".json"))
 
     @classmethod
@@ -172,7 +174,8 @@ class TitansConfig(PreTrainedConfig):
         CPU demos ("tiny", "small"). Keyword arguments override fields, e.g. `from_preset("tiny", variant="mac")`."""
         path = os.path.join(PRESET_DIR, f"{name}.json")
         if not os.path.isfile(path):
-            raise ValueError(f"Unknown Titans preset {name!r}; available: {', '.join(cls.available_presets())}.")
+            available = ", ".join(cls.available_presets()) or "none here (presets come with the modeling-titans package)"
+            raise ValueError(f"Unknown Titans preset {name!r}; available: {available}.")
         with open(path) as f:
             fields = json.load(f)
         fields.update(overrides)

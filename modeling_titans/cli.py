@@ -35,4 +35,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as `python -m modeling_titans.cli`, this file is `__main__` and the commands raise the CommandError of
+    # the imported `modeling_titans.cli`: dispatch through that module so its errors are caught.
+    from modeling_titans.cli import main as package_main
+
+    sys.exit(package_main())

@@ -63,6 +63,10 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _to_dtype(dtype, *tensors):
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
 def initial_state(initial_weights, batch_size: int, use_momentum: bool = True) -> MemoryState:
     """M_0 (learned, one per head, shared by the batch; D2) expanded to `batch_size` rows, with S_0 = 0."""
     weights = tuple(
@@ -234,10 +238,12 @@ def neural_memory_scan(
     allowed only after a row's last real token (`write_mask` (batch, T), 1 = real): it is the identity and never
     closes a chunk, so the returned state of every row is the state after its own last token.
 
-    Returns reads (batch, heads, T, d_head) in the input dtype and the new `MemoryState`.
+    Returns reads (batch, heads, T, d_head) in fp32 (fp64 for fp64 inputs) and the new `MemoryState`.
     """
     dtype = compute_dtype(queries.dtype)
-    queries, keys, values = (x.to(dtype) for x in (queries, keys, values))
+    queries, keys, values, log_retain, log_momentum, lr = _to_dtype(
+        dtype, queries, keys, values, log_retain, log_momentum, lr
+    )
     mask = None if write_mask is None else write_mask.to(dtype).unsqueeze(1)
     log_retain, log_momentum, lr = mask_gates(log_retain, log_momentum, lr, mask)
     weights, momentum, snapshot = state.weights, state.momentum, state.snapshot
@@ -278,17 +284,7 @@ def neural_memory_step(
     `closes_chunk` (batch,) bool says, per row, whether this token is the last of its chunk; there the weights
     become the gradient point of the next chunk, exactly as in `neural_memory_scan`.
     """
-    dtype = compute_dtype(queries.dtype)
-    reads, weights, momentum = chunk_update(
-        state.snapshot,
-        state.weights,
-        state.momentum,
-        queries.to(dtype),
-        keys.to(dtype),
-        values.to(dtype),
-        log_retain,
-        log_momentum,
-        lr,
-    )
+    inputs = _to_dtype(compute_dtype(queries.dtype), queries, keys, values, log_retain, log_momentum, lr)
+    reads, weights, momentum = chunk_update(state.snapshot, state.weights, state.momentum, *inputs)
     snapshot = select_rows(closes_chunk, weights, state.snapshot)
     return reads, MemoryState(weights=weights, snapshot=snapshot, momentum=momentum)
