@@ -29,7 +29,15 @@ from transformers.utils import can_return_tuple
 
 from .cache_titans import AttentionKeys, TitansCache, TitansLayerCache
 from .configuration.configuration_titans import VARIANTS, TitansConfig
-from .neural_memory import MemoryState, initial_state, memory_read, neural_memory_scan, neural_memory_step, select_rows
+from .neural_memory import (
+    MemoryState,
+    compute_dtype,
+    initial_state,
+    memory_read,
+    neural_memory_scan,
+    neural_memory_step,
+    select_rows,
+)
 
 GATE_ACTIVATIONS = {"sigmoid": torch.sigmoid, "silu": F.silu, "tanh": torch.tanh}
 
@@ -66,7 +74,7 @@ class TitansRMSNorm(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
+        hidden_states = hidden_states.to(torch.promote_types(input_dtype, torch.float32))
         variance = hidden_states.pow(2).mean(-1, keepdim=True)
         hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
         return self.weight * hidden_states.to(input_dtype)
@@ -156,7 +164,9 @@ class TitansNeuralMemory(nn.Module):
             if config.use_conv
             else None
         )
-        self.forget_gate = TitansGate(hidden, self.num_heads, config.memory_forget_init)  # alpha_t
+        self.forget_gate = (
+            TitansGate(hidden, self.num_heads, config.memory_forget_init) if config.use_forgetting else None
+        )  # alpha_t
         self.momentum_gate = (
             TitansGate(hidden, self.num_heads, config.memory_momentum_init) if config.use_momentum else None
         )  # eta_t
@@ -192,21 +202,18 @@ class TitansNeuralMemory(nn.Module):
         return out, new_tail
 
     def gates(self, x: torch.Tensor):
-        """log(1 - alpha_t), log(eta_t) (None without momentum) and theta_t, each (batch, heads, T), in fp32."""
-        x = x.float()
-        forget_logits = F.linear(x, self.forget_gate.weight.float(), self.forget_gate.bias.float())
-        if self.config.use_forgetting:
-            log_retain = F.logsigmoid(-forget_logits).transpose(1, 2)
-        else:
-            log_retain = torch.zeros_like(forget_logits).transpose(1, 2)
-        log_momentum = None
-        if self.momentum_gate is not None:
-            momentum_logits = F.linear(x, self.momentum_gate.weight.float(), self.momentum_gate.bias.float())
-            log_momentum = F.logsigmoid(momentum_logits).transpose(1, 2)
-        lr_logits = F.linear(x, self.lr_gate.weight.float(), self.lr_gate.bias.float())
-        lr = self.config.memory_lr_max * torch.sigmoid(lr_logits).transpose(1, 2)
-        if not self.writes_enabled:
-            return torch.zeros_like(log_retain), log_momentum, torch.zeros_like(lr)
+        """log(1 - alpha_t), log(eta_t) (None without momentum) and theta_t, each (batch, heads, T), in fp32 (D11)."""
+        x = x.to(compute_dtype(x.dtype))
+        zeros = x.new_zeros(x.shape[0], self.num_heads, x.shape[1])
+        if not self.writes_enabled:  # the memory stays at M_0: nothing written, nothing forgotten
+            return zeros, None if self.momentum_gate is None else zeros, zeros
+
+        def logits(gate):  # (batch, heads, T)
+            return F.linear(x, gate.weight.to(x.dtype), gate.bias.to(x.dtype)).transpose(1, 2)
+
+        log_retain = zeros if self.forget_gate is None else F.logsigmoid(-logits(self.forget_gate))
+        log_momentum = None if self.momentum_gate is None else F.logsigmoid(logits(self.momentum_gate))
+        lr = self.config.memory_lr_max * torch.sigmoid(logits(self.lr_gate))
         return log_retain, log_momentum, lr
 
     def retrieve(self, weights, queries: torch.Tensor) -> torch.Tensor:
@@ -569,6 +576,11 @@ class TitansModel(TitansPreTrainedModel):
             cache = TitansCache(self.config)
         if output_attentions and self.config.variant == "mac":
             raise ValueError("output_attentions is not supported for the MAC variant (attention runs per segment).")
+        if output_attentions and self.config._attn_implementation != "eager":
+            raise ValueError(
+                f"output_attentions needs the eager attention (got attn_implementation="
+                f"{self.config._attn_implementation!r}); load the model with attn_implementation=\"eager\"."
+            )
 
         batch_size, seq_len, _ = inputs_embeds.shape
         past_positions = cache.num_positions if cache is not None else 0

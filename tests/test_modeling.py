@@ -1,0 +1,444 @@
+"""Model-level behaviour of TitansForCausalLM (issue 2): forward and loss, ablations, causality, padding, outer
+gradients, bad inputs, hidden states / attention weights, save / load and the Auto classes.
+
+The op-level fidelity tests (naive paper reference vs the chunked memory) live in test_neural_memory.py.
+"""
+
+import pytest
+import torch
+from torch.func import functional_call
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache
+
+from helpers import (
+    CHUNK,
+    SEGMENT,
+    VARIANTS,
+    WINDOW,
+    full_logits,
+    prefill_then_decode,
+    random_ids,
+    tiny_config,
+    tiny_model,
+)
+from modeling_titans import TitansCache, TitansConfig, TitansForCausalLM, TitansModel
+from modeling_titans.modeling import TokenInfo
+
+
+# Long enough for several chunks (4), segments (8) and windows (8).
+SEQ_LEN = 3 * SEGMENT + 3
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Forward, loss, ablation switches
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_forward_shapes_and_loss(variant):
+    model = tiny_model(variant)
+    input_ids = random_ids(2, SEQ_LEN)
+    outputs = model(input_ids, labels=input_ids)
+    assert outputs.logits.shape == (2, SEQ_LEN, model.config.vocab_size)
+    # A random model predicts about uniformly over 259 tokens: loss near log(259) = 5.56.
+    assert torch.isfinite(outputs.loss) and 4.0 < outputs.loss.item() < 8.0
+    assert isinstance(outputs.cache, TitansCache)  # use_cache defaults to True in eval mode
+    as_tuple = model(input_ids, labels=input_ids, return_dict=False)
+    assert torch.equal(as_tuple[0], outputs.loss) and torch.equal(as_tuple[1], outputs.logits)
+
+
+def transplant(source: TitansForCausalLM, target: TitansForCausalLM):
+    """Copies every parameter the two models share by name and shape (an ablation removes or reshapes some)."""
+    target_state = target.state_dict()
+    shared = {k: v for k, v in source.state_dict().items() if k in target_state and target_state[k].shape == v.shape}
+    target.load_state_dict(shared, strict=False)
+    return len(shared)
+
+
+ABLATIONS = [
+    {"use_momentum": False},
+    {"use_forgetting": False},
+    {"use_conv": False},
+    {"num_persistent_tokens": 0},
+    {"memory_depth": 1},
+]
+
+
+@pytest.mark.parametrize(
+    "variant, ablation",
+    # LMM has no attention, hence no persistent tokens to switch off.
+    [(v, a) for v in VARIANTS for a in ABLATIONS if not (v == "lmm" and "num_persistent_tokens" in a)],
+    ids=lambda p: p if isinstance(p, str) else "-".join(f"{k}={v}" for k, v in p.items()),
+)
+def test_ablation_switch_builds_a_working_model_that_computes_something_else(variant, ablation):
+    default = tiny_model(variant)
+    ablated = tiny_model(variant, **ablation)
+    # Same weights wherever the two share a parameter, so any difference comes from the switch itself.
+    assert transplant(default, ablated) >= 20
+    input_ids = random_ids(2, SEQ_LEN)
+    ablated_logits = full_logits(ablated, input_ids)
+    assert torch.isfinite(ablated_logits).all()
+    assert (ablated_logits - full_logits(default, input_ids)).abs().max() > 1e-3
+    # Training through the ablated model is covered by test_outer_gradients_reach_every_parameter.
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_switching_memory_writes_off_changes_the_output_and_back_on_restores_it(variant):
+    model = tiny_model(variant)
+    input_ids = random_ids(1, SEQ_LEN)
+    learning = full_logits(model, input_ids)
+    model.set_memory_writes(False)
+    frozen = full_logits(model, input_ids)
+    model.set_memory_writes(True)
+    assert (learning - frozen).abs().max() > 1e-3
+    torch.testing.assert_close(full_logits(model, input_ids), learning, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Causality and padding in a full forward
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_changing_a_token_changes_no_earlier_output(variant):
+    model = tiny_model(variant)
+    input_ids = random_ids(1, SEQ_LEN)
+    reference = full_logits(model, input_ids)
+    # Positions inside a chunk, on a chunk / segment boundary, and in a later segment / window.
+    for j in (2, CHUNK, SEGMENT + 3, 2 * SEGMENT, SEQ_LEN - 1):
+        changed = input_ids.clone()
+        changed[0, j] = 3 + (changed[0, j] - 3 + 101) % 256
+        logits = full_logits(model, changed)
+        torch.testing.assert_close(logits[:, :j], reference[:, :j], rtol=0, atol=1e-6)
+        assert (logits[:, j] - reference[:, j]).abs().max() > 1e-3, f"token {j} has no effect on its own output"
+        if j < SEQ_LEN - WINDOW:
+            # Far beyond the window (MAG / MAL) or in a later segment (MAC), only the memory carries the change.
+            assert (logits[:, -1] - reference[:, -1]).abs().max() > 1e-5, f"token {j} is forgotten by the end"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_right_padding_in_training_forward_matches_each_row_alone(variant):
+    model = tiny_model(variant)
+    lengths = [SEQ_LEN, SEQ_LEN - 5, SEQ_LEN - SEGMENT, 3]  # pads: 0, 5 (off-chunk), 8, 24
+    input_ids = random_ids(len(lengths), SEQ_LEN)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, length in enumerate(lengths):
+        attention_mask[row, :length] = 1
+    padded_ids = input_ids.masked_fill(attention_mask == 0, model.config.pad_token_id)
+    model.train()  # the training path (use_cache off, dropout is 0)
+    batch = model(padded_ids, attention_mask=attention_mask).logits
+    for row, length in enumerate(lengths):
+        alone = model(input_ids[row : row + 1, :length]).logits
+        torch.testing.assert_close(batch[row : row + 1, :length], alone, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_labels_on_padding_are_ignored(variant):
+    model = tiny_model(variant)
+    input_ids = random_ids(2, SEQ_LEN)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 10:] = 0
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    loss = model(input_ids, attention_mask=attention_mask, labels=labels).loss
+    logits = full_logits(model, input_ids, attention_mask)
+    # The mean next-token loss over real targets, recomputed by hand.
+    targets = labels[:, 1:]
+    per_token = torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="sum"
+    )
+    torch.testing.assert_close(loss, per_token / (targets != -100).sum(), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Outer gradients
+# ----------------------------------------------------------------------------------------------------------------
+
+
+ABLATIONS_FOR_TRAINING = [{}, *ABLATIONS]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize(
+    "ablation", ABLATIONS_FOR_TRAINING, ids=lambda a: "-".join(f"{k}={v}" for k, v in a.items()) or "default"
+)
+def test_outer_gradients_reach_every_parameter(variant, ablation):
+    model = tiny_model(variant, **ablation).train()
+    input_ids = random_ids(2, SEQ_LEN)
+    model(input_ids, labels=input_ids).loss.backward()
+    names = []
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None, f"{name} gets no gradient"
+        assert torch.isfinite(parameter.grad).all(), f"{name} has a non-finite gradient"
+        assert parameter.grad.abs().max() > 0, f"{name} has an all-zero gradient"
+        # "Mostly non-zero": the embedding only gets rows of tokens that occur; everything else is dense.
+        if "embed_tokens" not in name:
+            assert (parameter.grad != 0).float().mean() > 0.5, f"{name}: most gradient entries are zero"
+        names.append(name)
+    expected = ["memory.lr_gate.bias", "initial_weights.0"]
+    expected += ["memory.forget_gate.weight"] if model.config.use_forgetting else []
+    expected += ["memory.momentum_gate.weight"] if model.config.use_momentum else []
+    if variant != "lmm" and model.config.num_persistent_tokens:
+        expected.append("self_attn.persistent_tokens")
+    if variant == "mac":
+        expected += ["retrieve_q_proj.weight", "retrieve_o_proj.weight"]
+    for fragment in expected:
+        assert any(fragment in name for name in names), fragment
+
+
+def memory_module(memory_depth: int, chunk_size: int) -> torch.nn.Module:
+    """One initialised TitansNeuralMemory with tiny dimensions (hidden 8, 2 heads of 4), in float64."""
+    config = TitansConfig(
+        variant="lmm",
+        vocab_size=16,
+        hidden_size=8,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        memory_num_heads=2,
+        memory_depth=memory_depth,
+        memory_expansion=2,
+        memory_chunk_size=chunk_size,
+        segment_size=2 * chunk_size,
+        sliding_window=4,
+        num_persistent_tokens=0,
+        conv_kernel_size=2,
+        # A larger inner learning rate and forgetting than the defaults so that the writes matter numerically.
+        memory_lr_init=0.5,
+        memory_forget_init=0.2,
+        initializer_range=0.3,
+    )
+    torch.manual_seed(0)
+    return TitansForCausalLM(config).model.layers[0].memory.double()
+
+
+MEMORY_PARAMETERS = [
+    "mem_q_proj.weight",
+    "mem_k_proj.weight",
+    "mem_v_proj.weight",
+    "conv.weight",
+    "forget_gate.weight",
+    "forget_gate.bias",
+    "momentum_gate.weight",
+    "momentum_gate.bias",
+    "lr_gate.weight",
+    "lr_gate.bias",
+    "mem_gate_proj.weight",
+    "mem_o_proj.weight",
+]
+
+
+def memory_as_function(memory_depth: int, chunk_size: int, seq_len: int = 6):
+    """The memory token mixer as a pure function of (x, parameters...), with float64 inputs for gradcheck."""
+    memory = memory_module(memory_depth, chunk_size)
+    tokens = TokenInfo(
+        positions=torch.arange(seq_len)[None],
+        valid=torch.ones(1, seq_len, dtype=torch.bool),
+        seen=torch.zeros(1, dtype=torch.long),
+        all_valid=True,
+    )
+    names = MEMORY_PARAMETERS + [f"initial_weights.{i}" for i in range(memory_depth)]
+    parameters = dict(memory.named_parameters())
+    torch.manual_seed(1)
+    x = torch.randn(1, seq_len, memory.config.hidden_size, dtype=torch.float64, requires_grad=True)
+    inputs = (x, *(parameters[name].detach().clone().requires_grad_() for name in names))
+
+    def mixer_output(x, *weights):
+        return functional_call(memory, dict(zip(names, weights)), (x, tokens, None))[0]
+
+    # Every input must influence the output (also through functional_call), or gradcheck would pass vacuously.
+    gradients = torch.autograd.grad(mixer_output(*inputs).pow(2).sum(), inputs)
+    for name, gradient in zip(["x", *names], gradients):
+        assert gradient.abs().max() > 1e-8, f"{name} does not reach the output"
+    return mixer_output, inputs
+
+
+@pytest.mark.parametrize("memory_depth, chunk_size", [(2, 2), (1, 3), (2, 4)])  # (2, 4): 6 tokens end mid-chunk
+def test_gradcheck_through_the_memory_module(memory_depth, chunk_size):
+    """Outer gradients through the inner updates w.r.t. the input, projections, conv, gates and M_0.
+
+    The gates and the output RMSNorm run in fp32 even in a float64 module, so the finite differences use
+    eps = 1e-4 and a 1e-3 tolerance: fp32 rounding stays below it, while a dropped gradient path (e.g. the
+    inner gradient's dependence on M_{t'}) gives errors of order 0.1 and fails.
+    """
+    mixer_output, inputs = memory_as_function(memory_depth, chunk_size)
+    assert torch.autograd.gradcheck(mixer_output, inputs, eps=1e-4, atol=1e-3, rtol=1e-2, fast_mode=True)
+
+
+def test_gradcheck_through_the_memory_module_at_float64_precision():
+    mixer_output, (x, *weights) = memory_as_function(memory_depth=2, chunk_size=2)
+    # Only x is checked (the weights are constants here): it reaches the gates and the norm, and keeps the slow
+    # re-run that gradcheck makes on failure short.
+    constants = [w.detach() for w in weights]
+    assert torch.autograd.gradcheck(mixer_output, (x, *constants), eps=1e-6, atol=1e-6, rtol=1e-4, fast_mode=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad inputs: a clear error before any state changes
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def assert_cache_still_exact(model, cache, input_ids, prefill_length):
+    """After a refused call, continuing the cache still reproduces the full forward."""
+    continued = [model(input_ids[:, t : t + 1], cache=cache).logits for t in range(prefill_length, input_ids.shape[1])]
+    torch.testing.assert_close(
+        torch.cat(continued, dim=1), full_logits(model, input_ids)[:, prefill_length:], rtol=0, atol=1e-4
+    )
+
+
+def bad_calls(model):
+    """(description, call with a cache prefilled on 2 rows of 5 tokens, exception type, message fragments)."""
+    vocab = model.config.vocab_size
+    good = random_ids(2, 1, seed=7)
+    return [
+        (
+            "id == vocab_size",
+            lambda c: model(good.clone().fill_(vocab), cache=c),
+            ValueError,
+            ["259", "outside the vocabulary"],
+        ),
+        ("negative id", lambda c: model(good.clone().fill_(-1), cache=c), ValueError, ["-1", "outside the vocabulary"]),
+        (
+            "mask of the wrong length",
+            lambda c: model(good, attention_mask=torch.ones(2, 3, dtype=torch.long), cache=c),
+            ValueError,
+            ["attention_mask has shape (2, 3)", "(2, 6)"],
+        ),
+        (
+            "3D mask",
+            lambda c: model(good, attention_mask=torch.ones(2, 1, 6), cache=c),
+            ValueError,
+            ["attention_mask has shape (2, 1, 6)"],
+        ),
+        ("too many rows", lambda c: model(random_ids(3, 1), cache=c), ValueError, ["cache holds 2 rows", "has 3"]),
+        (
+            "padding in a mid-chunk continuation",
+            lambda c: model(random_ids(2, 3), attention_mask=torch.tensor([[1, 1, 1], [0, 1, 1]]), cache=c),
+            ValueError,
+            ["Padding inside a continuation"],
+        ),
+        (
+            "DynamicCache",
+            lambda c: model(good, past_key_values=DynamicCache()),
+            TypeError,
+            ["TitansCache", "DynamicCache"],
+        ),
+        (
+            "ids and embeddings",
+            lambda c: model(good, inputs_embeds=torch.zeros(2, 1, 32), cache=c),
+            ValueError,
+            ["exactly one"],
+        ),
+    ]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_bad_inputs_raise_clear_errors_and_leave_the_cache_intact(variant):
+    model = tiny_model(variant)
+    input_ids = random_ids(2, 12)
+    prefill = 5  # mid-chunk and mid-segment
+    with torch.no_grad():
+        cache = TitansCache(model.config)
+        model(input_ids[:, :prefill], cache=cache)
+        for description, call, error_type, fragments in bad_calls(model):
+            with pytest.raises(error_type) as error:
+                call(cache)
+            for fragment in fragments:
+                assert fragment in str(error.value), (description, str(error.value))
+        assert cache.get_seq_length() == prefill
+        assert_cache_still_exact(model, cache, input_ids, prefill)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_padding_between_real_tokens_is_refused(variant):
+    model = tiny_model(variant)
+    attention_mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 1, 1]])
+    with pytest.raises(ValueError, match="padding between real tokens"):
+        model(random_ids(2, 6), attention_mask=attention_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hidden states and attention weights
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_output_hidden_states(variant):
+    model = tiny_model(variant)
+    input_ids = random_ids(2, SEQ_LEN)
+    outputs = model.model(input_ids, output_hidden_states=True)
+    hidden_states = outputs.hidden_states
+    assert len(hidden_states) == model.config.num_hidden_layers + 1
+    assert all(h.shape == (2, SEQ_LEN, model.config.hidden_size) for h in hidden_states)
+    torch.testing.assert_close(hidden_states[0], model.model.embed_tokens(input_ids), rtol=0, atol=0)
+    torch.testing.assert_close(hidden_states[-1], outputs.last_hidden_state, rtol=0, atol=0)
+    assert not torch.equal(hidden_states[1], hidden_states[0])
+
+
+@pytest.mark.parametrize("variant", ["mag", "mal"])
+def test_eager_attention_returns_sliding_window_weights(variant):
+    model = tiny_model(variant)
+    model.set_attn_implementation("eager")
+    input_ids = random_ids(2, SEQ_LEN)
+    outputs = model(input_ids, output_attentions=True)
+    persistent = model.config.num_persistent_tokens
+    assert len(outputs.attentions) == model.config.num_hidden_layers
+    for weights in outputs.attentions:
+        assert weights.shape == (2, model.config.num_attention_heads, SEQ_LEN, persistent + SEQ_LEN)
+        torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:-1]))
+        # Query i may see the persistent prefix and keys i - W + 1 .. i, nothing else.
+        query = torch.arange(SEQ_LEN)[:, None]
+        key = torch.arange(SEQ_LEN)[None, :]
+        hidden = (key > query) | (key <= query - WINDOW)
+        assert weights[..., persistent:][..., hidden].abs().max() == 0
+        assert (weights[..., :persistent] > 0).all()
+    # The eager path computes the same logits as the default one (up to the kernels' rounding).
+    model.set_attn_implementation("sdpa")
+    torch.testing.assert_close(full_logits(model, input_ids), outputs.logits, rtol=0, atol=1e-4)
+
+
+def test_attention_weights_without_eager_are_clearly_refused():
+    model = tiny_model("mag")
+    assert model.config._attn_implementation == "sdpa"
+    with pytest.raises(ValueError, match="attn_implementation=\"eager\""):
+        model(random_ids(1, 8), output_attentions=True)
+
+
+def test_attention_weights_are_refused_for_mac():
+    model = tiny_model("mac")
+    model.set_attn_implementation("eager")
+    with pytest.raises(ValueError, match="output_attentions is not supported for the MAC variant"):
+        model(random_ids(1, 8), output_attentions=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# save_pretrained / from_pretrained and the Auto classes
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_save_and_load_round_trip_gives_identical_logits(tmp_path, variant):
+    model = tiny_model(variant, tie_word_embeddings=variant != "mal")  # one untied variant
+    input_ids = random_ids(2, SEQ_LEN)
+    expected = full_logits(model, input_ids)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    for loader in (TitansForCausalLM, AutoModelForCausalLM):
+        loaded = loader.from_pretrained(tmp_path).eval()
+        assert type(loaded) is TitansForCausalLM
+        assert loaded.state_dict().keys() == model.state_dict().keys()
+        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+        # Bit-equal weights; the logits may still differ by rounding (the loaded tensors sit in other memory,
+        # which can change the order of BLAS accumulations; cloning every parameter makes them bit-equal).
+        torch.testing.assert_close(full_logits(loaded, input_ids), expected, rtol=0, atol=1e-4)
+        # And the loaded model keeps decoding exactly.
+        torch.testing.assert_close(prefill_then_decode(loaded, input_ids, 5), expected, rtol=0, atol=1e-4)
+
+
+def test_auto_classes_resolve_titans(tmp_path):
+    config = tiny_config("mac")
+    fields = {k: v for k, v in config.to_diff_dict().items() if k != "model_type"}
+    assert type(AutoConfig.for_model("titans", **fields)) is TitansConfig
+    assert type(AutoModel.from_config(config)) is TitansModel
+    assert type(AutoModelForCausalLM.from_config(config)) is TitansForCausalLM
+    tiny_model("mac").model.save_pretrained(tmp_path)
+    base = AutoModel.from_pretrained(tmp_path)
+    assert type(base) is TitansModel
