@@ -325,6 +325,8 @@ class TitansAttention(nn.Module):
         interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
+        if self.persistent_tokens is not None:
+            prefix_keys, prefix_values = self.prefix(batch_size, x.dtype)
         block = seq_len if output_attentions else max(self.config.sliding_window, 256)
         if self.kind == "segment":
             block = seq_len  # the caller already hands over one segment at a time
@@ -345,7 +347,6 @@ class TitansAttention(nn.Module):
             )
             keys, values = visible.keys[:, :, lo:hi], visible.values[:, :, lo:hi]
             if self.persistent_tokens is not None:
-                prefix_keys, prefix_values = self.prefix(batch_size, x.dtype)
                 keys, values = torch.cat([prefix_keys, keys], dim=2), torch.cat([prefix_values, values], dim=2)
                 allowed = F.pad(allowed, (prefix_keys.shape[2], 0), value=True)
             # A query with nothing to see (padding without a prefix) sees everything; its output is unused.
@@ -405,14 +406,15 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
         self.post_attention_layernorm = TitansRMSNorm(hidden, eps=eps)
         self.mlp = TitansMLP(config)
 
-    def forward(self, hidden_states, tokens: TokenInfo, rotary, cache: TitansLayerCache | None = None, output_attentions=False):
+    def forward(
+        self, hidden_states, tokens: TokenInfo, rotary, cache: TitansLayerCache | None = None, output_attentions=False
+    ):
         """`cache` is this layer's part of the TitansCache, updated in place (a keyword argument, so that activation
         checkpointing drops it instead of writing the state twice)."""
-        layer_cache = cache
         state = None
-        if layer_cache is not None and layer_cache.memory is not None:
-            state = MixerState(layer_cache.memory, layer_cache.conv_tail)
-        past = None if layer_cache is None else layer_cache.attention
+        if cache is not None and cache.memory is not None:
+            state = MixerState(cache.memory, cache.conv_tail)
+        past = None if cache is None else cache.attention
         weights, visible = None, None
 
         x = self.input_layernorm(hidden_states)
@@ -428,17 +430,17 @@ class TitansDecoderLayer(GradientCheckpointingLayer):
             remembered, state = self.memory(x, tokens, state)
             mixed = self.output_gate(attended, remembered)
         else:
-            segment_start = None if layer_cache is None else layer_cache.segment_start
+            segment_start = None if cache is None else cache.segment_start
             mixed, state, segment_start, visible = self.memory_as_context(x, tokens, rotary, state, segment_start, past)
-            if layer_cache is not None:
-                layer_cache.segment_start = segment_start
+            if cache is not None:
+                cache.segment_start = segment_start
         hidden_states = hidden_states + mixed
 
-        if layer_cache is not None:
-            layer_cache.memory, layer_cache.conv_tail = state.memory, state.conv_tail
+        if cache is not None:
+            cache.memory, cache.conv_tail = state.memory, state.conv_tail
             if visible is not None:
-                last = tokens.seen + tokens.lengths  # position of the next token per row
-                layer_cache.attention = visible.keep_from(self.self_attn.window_start(last))
+                next_position = tokens.seen + tokens.lengths
+                cache.attention = visible.keep_from(self.self_attn.window_start(next_position))
 
         hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
         return hidden_states, weights
@@ -542,6 +544,7 @@ class TitansModel(TitansPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -552,10 +555,11 @@ class TitansModel(TitansPreTrainedModel):
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         past_key_values: TitansCache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        """Runs the decoder stack. `attention_mask` (batch, cached + new tokens) marks real tokens with 1 (left or
+        right padding); `cache` (alias `past_key_values`) is a TitansCache to continue and update."""
         cache = cache if cache is not None else past_key_values
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         output_hidden_states = (
