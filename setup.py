@@ -18,7 +18,7 @@ REQUIRES = [
     "tokenizers>=0.21",
 ]
 PEFT = ["peft>=0.15"]
-BENCH = ["matplotlib>=3.7"]
+PLOTS = ["matplotlib>=3.7"]
 
 setup(
     name="modeling-titans",
@@ -43,8 +43,9 @@ setup(
     entry_points={"console_scripts": ["titans = modeling_titans.cli:main"]},
     extras_require={
         "peft": PEFT,
-        "bench": BENCH,
-        "all": PEFT + BENCH,
-        "test": ["pytest"] + PEFT + BENCH,
+        # titans-pytorch is only a point of comparison in benchmarks/, never a dependency of the model
+        "bench": PLOTS + ["titans-pytorch>=0.5"],
+        "all": PEFT + PLOTS,
+        "test": ["pytest"] + PEFT + PLOTS,
     },
 )

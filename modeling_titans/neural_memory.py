@@ -147,6 +147,58 @@ def _pairwise_decay(log_cumulative: torch.Tensor) -> torch.Tensor:
     return torch.exp(diff.masked_fill(~causal, float("-inf")))
 
 
+def _subtract_outer_sum(base: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """base - a^T g over (batch, heads, ...) in one baddbmm kernel (no temporary of the weights' size)."""
+    flat = torch.baddbmm(base.flatten(0, 1), a.transpose(-1, -2).flatten(0, 1), g.flatten(0, 1), alpha=-1)
+    return flat.view_as(base)
+
+
+@dataclass
+class ChunkCoefficients:
+    """The gate algebra of a chunk (depends on the gates only, never on the weights), so the scan computes it for
+    every chunk in one batched pass before its sequential loop. Leading dims (batch, heads[, chunks])."""
+
+    beta: torch.Tensor  # (..., c, 1): beta_t = prod_{j<=t} (1 - alpha_j)
+    coeff: torch.Tensor  # (..., c, c): C_{t,i}
+    carry: torch.Tensor | None  # (..., c, 1): A_t; None without momentum
+    surprise: torch.Tensor | None  # (..., c, 1): theta_i E_c / E_i
+    eta_total: torch.Tensor | None  # (..., 1, 1): E_c
+
+    def unbind(self, dim: int) -> list["ChunkCoefficients"]:
+        """One `ChunkCoefficients` per index of the chunk dim (unbind's backward is a single stack)."""
+        fields = [self.beta, self.coeff, self.carry, self.surprise, self.eta_total]
+        parts = [None if f is None else f.unbind(dim) for f in fields]
+        count = len(parts[0])
+        return [ChunkCoefficients(*(None if p is None else p[n] for p in parts)) for n in range(count)]
+
+
+def chunk_coefficients(log_retain, log_momentum, lr, write_mask=None) -> ChunkCoefficients:
+    """Gate algebra of the closed form (module docstring) over the last dim, the chunk's tokens.
+
+    log_retain: log(1 - alpha_t); log_momentum: log(eta_t) or None; lr: theta_t; write_mask: 1 for tokens that
+    write (masked tokens also get alpha = 0, eta = 1, theta = 0 from `mask_gates`). All (..., c).
+    """
+    if log_retain.shape[-1] == 1 and write_mask is None:  # one token (decoding): every ratio above is 1
+        beta, theta = log_retain.exp().unsqueeze(-1), lr.unsqueeze(-1)
+        if log_momentum is None:
+            return ChunkCoefficients(beta, theta, None, None, None)
+        eta = log_momentum.exp().unsqueeze(-1)
+        return ChunkCoefficients(beta, theta, eta, theta, eta)
+    log_beta = log_retain.cumsum(-1)
+    decay = _pairwise_decay(log_beta)  # beta_t / beta_s
+    if write_mask is not None:
+        decay = decay * write_mask.unsqueeze(-2)  # only writing tokens add S_s into M
+    beta = log_beta.exp().unsqueeze(-1)
+    if log_momentum is None:  # eta = 0: S_t = -theta_t u_t, so C_{t,i} = theta_i beta_t / beta_i
+        return ChunkCoefficients(beta, decay * lr.unsqueeze(-2), None, None, None)
+    log_eta = log_momentum.cumsum(-1)
+    momentum_decay = _pairwise_decay(log_eta)  # E_s / E_i
+    coeff = (decay @ momentum_decay) * lr.unsqueeze(-2)  # C_{t,i}
+    carry = decay @ log_eta.exp().unsqueeze(-1)  # A_t
+    surprise = (lr * momentum_decay[..., -1, :]).unsqueeze(-1)  # theta_i E_c / E_i
+    return ChunkCoefficients(beta, coeff, carry, surprise, log_eta[..., -1:].exp().unsqueeze(-1))
+
+
 def chunk_update(
     grad_point: Weights,
     weights: Weights,
@@ -154,10 +206,7 @@ def chunk_update(
     queries: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
-    log_retain: torch.Tensor,
-    log_momentum: torch.Tensor | None,
-    lr: torch.Tensor,
-    write_mask: torch.Tensor | None = None,
+    coefficients: ChunkCoefficients,
 ):
     """Writes one chunk of tokens and reads every token's query after its own write.
 
@@ -165,27 +214,13 @@ def chunk_update(
         grad_point: M_{t'}, where every token's gradient is taken (the chunk-start weights).
         weights, momentum: M and S before the first token of the chunk (momentum None: eta = 0).
         queries, keys, values: (batch, heads, c, d_head).
-        log_retain: log(1 - alpha_t); log_momentum: log(eta_t) or None; lr: theta_t. All (batch, heads, c).
-        write_mask: (batch, 1, c), 1 for tokens that write. A masked token leaves M and S untouched; the caller
-            also gives it alpha = 0, eta = 1 and theta = 0 (see `mask_gates`).
+        coefficients: the chunk's gate algebra (`chunk_coefficients`).
 
     Returns:
         reads (batch, heads, c, d_head) = M_t*(q_t) per token, and M, S after the last token.
     """
     inputs, errors = memory_gradient_factors(grad_point, keys, values)
-    log_beta = log_retain.cumsum(-1)
-    decay = _pairwise_decay(log_beta)  # beta_t / beta_s
-    if write_mask is not None:
-        decay = decay * write_mask.unsqueeze(-2)  # only writing tokens add S_s into M
-    if log_momentum is None:  # eta = 0: S_t = -theta_t u_t, so C_{t,i} = theta_i beta_t / beta_i
-        coeff = decay * lr.unsqueeze(-2)
-        carry = None
-    else:
-        log_eta = log_momentum.cumsum(-1)
-        momentum_decay = _pairwise_decay(log_eta)  # E_s / E_i
-        coeff = (decay @ momentum_decay) * lr.unsqueeze(-2)  # C_{t,i}
-        carry = decay @ log_eta.exp().unsqueeze(-1)  # A_t, (batch, heads, c, 1)
-    beta = log_beta.exp().unsqueeze(-1)
+    beta, coeff, carry = coefficients.beta, coefficients.coeff, coefficients.carry
 
     # Reads: layer by layer, M_t applied to the read path's activation h_t (dual form).
     h = queries
@@ -198,16 +233,19 @@ def chunk_update(
 
     # State after the chunk's last token.
     last_coeff = coeff[..., -1, :].unsqueeze(-1)  # C_{c,i}
-    new_weights = tuple(
-        beta[..., -1:, :] * w - a.transpose(-1, -2) @ (last_coeff * g) for w, a, g in zip(weights, inputs, errors)
-    )
     if momentum is None:
+        new_weights = tuple(
+            _subtract_outer_sum(beta[..., -1:, :] * w, a, last_coeff * g)
+            for w, a, g in zip(weights, inputs, errors)
+        )
         return reads, new_weights, None
-    new_weights = tuple(w + carry[..., -1:, :] * s for w, s in zip(new_weights, momentum))
-    surprise_coeff = (lr * momentum_decay[..., -1, :]).unsqueeze(-1)  # theta_i E_c / E_i
-    eta_total = log_eta[..., -1:].exp().unsqueeze(-1)
+    new_weights = tuple(
+        _subtract_outer_sum(beta[..., -1:, :] * w + carry[..., -1:, :] * s, a, last_coeff * g)
+        for w, s, a, g in zip(weights, momentum, inputs, errors)
+    )
     new_momentum = tuple(
-        eta_total * s - a.transpose(-1, -2) @ (surprise_coeff * g) for s, a, g in zip(momentum, inputs, errors)
+        _subtract_outer_sum(coefficients.eta_total * s, a, coefficients.surprise * g)
+        for s, a, g in zip(momentum, inputs, errors)
     )
     return reads, new_weights, new_momentum
 
@@ -246,27 +284,37 @@ def neural_memory_scan(
     )
     mask = None if write_mask is None else write_mask.to(dtype).unsqueeze(1)
     log_retain, log_momentum, lr = mask_gates(log_retain, log_momentum, lr, mask)
+    # Per-chunk pieces by split/unbind, not by slicing in the loop: the backward of a slice writes a zero tensor of
+    # the full length per chunk (quadratic in T), the backward of split is one concatenation.
+    coefficients = _all_chunk_coefficients(log_retain, log_momentum, lr, mask, chunk_size)
+    chunks = zip(*(x.split(chunk_size, dim=-2) for x in (queries, keys, values)), coefficients)
     weights, momentum, snapshot = state.weights, state.momentum, state.snapshot
-    reads = []
-    for start in range(0, queries.shape[-2], chunk_size):
-        chunk = slice(start, start + chunk_size)
+    reads, end = [], 0
+    for chunk_queries, chunk_keys, chunk_values, chunk_coeffs in chunks:
         chunk_reads, weights, momentum = chunk_update(
-            snapshot,
-            weights,
-            momentum,
-            queries[..., chunk, :],
-            keys[..., chunk, :],
-            values[..., chunk, :],
-            log_retain[..., chunk],
-            None if log_momentum is None else log_momentum[..., chunk],
-            lr[..., chunk],
-            None if mask is None else mask[..., chunk],
+            snapshot, weights, momentum, chunk_queries, chunk_keys, chunk_values, chunk_coeffs
         )
         reads.append(chunk_reads)
-        end = start + chunk_reads.shape[-2]
-        if end - start == chunk_size:  # a full chunk: the next one takes its gradients here
+        end += chunk_reads.shape[-2]
+        if chunk_reads.shape[-2] == chunk_size:  # a full chunk: the next one takes its gradients here
             snapshot = weights if write_mask is None else select_rows(write_mask[:, end - 1].bool(), weights, snapshot)
     return torch.cat(reads, dim=-2), MemoryState(weights=weights, snapshot=snapshot, momentum=momentum)
+
+
+def _all_chunk_coefficients(log_retain, log_momentum, lr, mask, chunk_size) -> list[ChunkCoefficients]:
+    """`chunk_coefficients` of every chunk: the full chunks in one batched pass (gates viewed as
+    (batch, heads, chunks, c)), then the shorter last chunk if any."""
+    length = log_retain.shape[-1]
+    full = length - length % chunk_size
+    gates = (log_retain, log_momentum, lr, mask)
+    result = []
+    if full:
+        def as_chunks(x):
+            return None if x is None else x[..., :full].unflatten(-1, (-1, chunk_size))
+        result = chunk_coefficients(*(as_chunks(x) for x in gates)).unbind(-3)
+    if full < length:
+        result.append(chunk_coefficients(*(None if x is None else x[..., full:] for x in gates)))
+    return result
 
 
 def neural_memory_step(
@@ -284,7 +332,12 @@ def neural_memory_step(
     `closes_chunk` (batch,) bool says, per row, whether this token is the last of its chunk; there the weights
     become the gradient point of the next chunk, exactly as in `neural_memory_scan`.
     """
-    inputs = _to_dtype(compute_dtype(queries.dtype), queries, keys, values, log_retain, log_momentum, lr)
-    reads, weights, momentum = chunk_update(state.snapshot, state.weights, state.momentum, *inputs)
+    queries, keys, values, log_retain, log_momentum, lr = _to_dtype(
+        compute_dtype(queries.dtype), queries, keys, values, log_retain, log_momentum, lr
+    )
+    coefficients = chunk_coefficients(log_retain, log_momentum, lr)
+    reads, weights, momentum = chunk_update(
+        state.snapshot, state.weights, state.momentum, queries, keys, values, coefficients
+    )
     snapshot = select_rows(closes_chunk, weights, state.snapshot)
     return reads, MemoryState(weights=weights, snapshot=snapshot, momentum=momentum)

@@ -1,0 +1,207 @@
+"""Shared plumbing of the benchmark scripts: command line, model sizes, timing, machine info, results and tables.
+
+Every script in this folder is run as `python benchmarks/<name>.py [--device cpu|cuda] [--smoke] [--threads N]`;
+it prints a table, writes `<out>/<name>.json` (machine, library versions, config, rows) and draws `<out>/<name>*.png`.
+`--smoke` shrinks everything to seconds: it checks that the script works, its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from importlib import metadata
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+VARIANTS = ("mac", "mag", "mal", "lmm")
+
+# The benchmark model: ~5-8M parameters, the size of the reference Llama of issue 2 (d=256, 4 layers, vocab 4096,
+# tied embeddings: 5.3M). Titans adds its memory (4 heads of 64 channels, depth 2, expansion 4) to each block.
+BACKBONE = dict(
+    vocab_size=4096,
+    hidden_size=256,
+    intermediate_size=1024,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    tie_word_embeddings=True,
+)
+TITANS_FIELDS = dict(
+    memory_num_heads=4,
+    memory_depth=2,
+    memory_expansion=4,
+    memory_chunk_size=16,
+    sliding_window=512,
+    segment_size=512,
+    num_persistent_tokens=16,
+)
+# Seconds-long smoke runs use the byte-level tiny sizes.
+SMOKE_BACKBONE = dict(BACKBONE, vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+SMOKE_TITANS_FIELDS = dict(TITANS_FIELDS, memory_num_heads=2, memory_expansion=2, memory_chunk_size=4, sliding_window=8, segment_size=8, num_persistent_tokens=2)
+
+
+def parse_args(description: str, add_arguments=None) -> argparse.Namespace:
+    """The common flags plus the script's own (`add_arguments(parser)`); sets the torch threads and the seed."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds: checks the script runs")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU)")
+    parser.add_argument("--out", default=RESULTS_DIR, help="folder for the JSON and PNG results")
+    if add_arguments is not None:
+        add_arguments(parser)
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible to torch")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    os.makedirs(args.out, exist_ok=True)
+    return args
+
+
+def titans_config(variant: str, smoke: bool, **overrides):
+    from modeling_titans import TitansConfig
+
+    fields = dict(SMOKE_BACKBONE if smoke else BACKBONE, **(SMOKE_TITANS_FIELDS if smoke else TITANS_FIELDS))
+    return TitansConfig(variant=variant, **dict(fields, **overrides))
+
+
+def build_model(name: str, smoke: bool, device: str):
+    """`name` is a Titans variant or "llama" (transformers' LlamaForCausalLM, SDPA, same width/depth/vocab)."""
+    if name == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(attn_implementation="sdpa", **(SMOKE_BACKBONE if smoke else BACKBONE))
+        model = LlamaForCausalLM(config)
+    else:
+        from modeling_titans import TitansForCausalLM
+
+        model = TitansForCausalLM(titans_config(name, smoke))
+    return model.to(device)
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def synchronize(device: str):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+class Stopwatch:
+    """Wall time and this process's CPU time of a block.
+
+    On a shared machine the wall time includes waiting for other processes; with one torch thread the CPU time
+    is close to what the wall time would be on an idle machine, so the tables report both.
+    """
+
+    def __init__(self, device: str):
+        self.device = device
+
+    def __enter__(self):
+        synchronize(self.device)
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        synchronize(self.device)
+        self.wall = time.perf_counter() - self.wall
+        self.cpu = time.process_time() - self.cpu
+
+
+def machine_info(args) -> dict:
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": args.device,
+        "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+    if args.device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def library_versions() -> dict:
+    versions = {}
+    for package in ("torch", "transformers", "modeling-titans", "titans-pytorch", "matplotlib", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+def write_results(args, name: str, config: dict, rows: list[dict], **extra) -> str:
+    """Writes `<out>/<name>.json` and returns its path."""
+    payload = {
+        "benchmark": name,
+        "smoke": args.smoke,
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": machine_info(args),
+        "versions": library_versions(),
+        "config": config,
+        "rows": rows,
+        **extra,
+    }
+    path = os.path.join(args.out, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2, default=str)
+    print(f"wrote {path}")
+    return path
+
+
+def print_table(rows: list[dict], columns: list[str], title: str = ""):
+    """A plain fixed-width table of `columns` (missing values print as '-')."""
+
+    def cell(value):
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:,.1f}" if abs(value) >= 10 else f"{value:.3g}"
+        return f"{value:,}" if isinstance(value, int) else str(value)
+
+    cells = [[cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    if title:
+        print(f"\n{title}")
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+    for r in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(r, widths)))
+
+
+def new_figure(ncols: int = 1, width: float = 6.0, height: float = 4.0):
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
+    return fig, axes[0]
+
+
+def save_figure(fig, args, filename: str):
+    path = os.path.join(args.out, filename)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    print(f"wrote {path}")

@@ -1,0 +1,219 @@
+"""The neural memory alone: chunked forward + backward tokens/s and achieved GFLOP/s against the machine's peak.
+
+Rows:
+- `op`: `neural_memory_scan` on ready-made q, k, v and gates (no projections): the chunked closed form of
+  `modeling_titans/neural_memory.py`.
+- `module`: our `TitansNeuralMemory` token mixer (projections, convolution, gates, op, output gate).
+- `titans-pytorch` (optional, `pip install titans-pytorch`): its `NeuralMemory` at the same heads, head width,
+  memory MLP (depth 2, expansion 4) and chunk size, once with its default `batch_size=None` (every gradient
+  taken at the initial weights, the weights updated once at the end) and once with `batch_size=chunk_size`
+  (the paper's semantics, which ours follows: gradients at the start of each chunk).
+
+GFLOP/s counts only the matmuls of the op, analytically (`scan_matmul_flops`; backward = 2x forward), so it is
+a lower bound on the work done. The peaks are a large fp32 matmul and a batched matmul of the op's own shapes.
+
+    python benchmarks/memory_op.py                   # CPU, 1 thread, ~1 minute
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from harness import (
+    Stopwatch,
+    build_model,
+    new_figure,
+    parse_args,
+    print_table,
+    save_figure,
+    titans_config,
+    write_results,
+)
+
+
+def add_arguments(parser):
+    parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096])
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per row (the fastest is kept)")
+
+
+def scan_matmul_flops(length: int, chunk: int, dims: list[int], heads: int, batch: int = 1) -> int:
+    """Forward matmul FLOPs of `neural_memory_scan` (with momentum) over `length` tokens.
+
+    Per chunk of c tokens and per head, for layers l with widths d_{l-1} -> d_l (see `chunk_update`):
+    gradient forward 2c d_{l-1} d_l, error back-propagation 2c d_l d_{l-1} (layers >= 2), gate products
+    2c^3 + 2c^2, reads 2c d_{l-1} d_l (M) + 2c d_{l-1} d_l (S) + 2c^2 d_{l-1} + 2c^2 d_l (dual form),
+    state 2 x 2 d_{l-1} c d_l (M and S).
+    """
+    per_chunk = 2 * chunk**3 + 2 * chunk**2
+    for layer, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
+        per_chunk += 2 * chunk * d_in * d_out * (1 + (layer > 0))  # gradient forward (+ error back-prop)
+        per_chunk += 2 * (2 * chunk * d_in * d_out) + 2 * chunk * chunk * (d_in + d_out)  # reads
+        per_chunk += 2 * (2 * d_in * chunk * d_out)  # new M and new S
+    return per_chunk * heads * batch * -(-length // chunk)
+
+
+def peak_gflops(device: str, shape: tuple[int, ...], repeats: int = 5) -> float:
+    """Best fp32 GFLOP/s of a (batched) matmul of `shape` = (batch, m, k, n)."""
+    batch, m, k, n = shape
+    a = torch.randn(batch, m, k, device=device)
+    b = torch.randn(batch, k, n, device=device)
+    inner = max(1, int(2e8 // (2 * batch * m * k * n)))  # ~0.2 GFLOP per timing
+    best = float("inf")
+    for _ in range(repeats):
+        with Stopwatch(device) as watch:
+            for _ in range(inner):
+                torch.bmm(a, b)
+        best = min(best, watch.cpu if device == "cpu" else watch.wall)
+    return 2 * batch * m * k * n * inner / best / 1e9
+
+
+def best_time(run, repeats: int, device: str) -> Stopwatch:
+    run()  # warm-up
+    watches = []
+    for _ in range(repeats):
+        with Stopwatch(device) as watch:
+            run()
+        watches.append(watch)
+    return min(watches, key=lambda w: w.cpu)
+
+
+def op_runner(config, memory, length, device):
+    """Forward + backward of the bare chunked scan on random, already normalised inputs."""
+    from modeling_titans.neural_memory import initial_state, neural_memory_scan
+
+    heads, d = config.memory_num_heads, config.memory_head_dim
+    shape = (1, heads, length)
+
+    def leaf(x):
+        return x.detach().requires_grad_(True)
+
+    q, k, v = (leaf(F.normalize(torch.randn(*shape, d, device=device), dim=-1)) for _ in range(3))
+    log_retain = leaf(F.logsigmoid(torch.randn(shape, device=device) - 4))
+    log_momentum = leaf(F.logsigmoid(torch.randn(shape, device=device) + 2))
+    lr = leaf(0.1 * torch.sigmoid(torch.randn(shape, device=device)))
+    projection = torch.randn(1, heads, length, d, device=device)
+
+    def run():
+        memory.zero_grad(set_to_none=True)
+        state = initial_state(list(memory.initial_weights), 1)
+        reads, _ = neural_memory_scan(state, q, k, v, log_retain, log_momentum, lr, config.memory_chunk_size)
+        (reads * projection).sum().backward()
+
+    return run
+
+
+def module_runner(memory, length, hidden, device):
+    from modeling_titans.modeling import TokenInfo
+
+    x = torch.randn(1, length, hidden, device=device, requires_grad=True)
+    positions = torch.arange(length, device=device)[None]
+    tokens = TokenInfo(positions, torch.ones(1, length, dtype=torch.bool, device=device), positions[:, 0], True)
+
+    def run():
+        memory.zero_grad(set_to_none=True)
+        out, _ = memory(x, tokens, None)
+        out.sum().backward()
+
+    return run
+
+
+def titans_pytorch_runner(config, length, batch_size, device):
+    from titans_pytorch import NeuralMemory
+
+    memory = NeuralMemory(
+        dim=config.hidden_size,
+        chunk_size=config.memory_chunk_size,
+        batch_size=batch_size,
+        heads=config.memory_num_heads,
+        dim_head=config.memory_head_dim,
+        default_model_kwargs=dict(depth=config.memory_depth, expansion_factor=float(config.memory_expansion)),
+    ).to(device)
+    x = torch.randn(1, length, config.hidden_size, device=device, requires_grad=True)
+
+    def run():
+        memory.zero_grad(set_to_none=True)
+        out, _ = memory(x)
+        out.sum().backward()
+
+    return run
+
+
+def main():
+    args = parse_args(__doc__.splitlines()[0], add_arguments)
+    if args.smoke:
+        args.lengths, args.repeats = [16, 32], 1
+    config = titans_config("lmm", args.smoke)
+    memory = build_model("lmm", args.smoke, args.device).model.layers[0].memory  # initialised M_0 and gate biases
+    chunk, d = config.memory_chunk_size, config.memory_head_dim
+    dims = [d] + [d * config.memory_expansion] * (config.memory_depth - 1) + [d]
+    size = 256 if args.smoke else 1024
+    peaks = {
+        f"matmul {size}^3": peak_gflops(args.device, (1, size, size, size)),
+        f"bmm {config.memory_num_heads}x{chunk}x{d}x{dims[1]} (op shape)": peak_gflops(
+            args.device, (config.memory_num_heads, chunk, d, dims[1])
+        ),
+    }
+    print_table([{"matmul": k, "GFLOP/s": v} for k, v in peaks.items()], ["matmul", "GFLOP/s"], "fp32 peaks")
+
+    try:
+        import titans_pytorch  # noqa: F401
+
+        has_titans_pytorch = True
+    except ImportError:
+        has_titans_pytorch = False
+        print("titans-pytorch is not installed: its rows are skipped (pip install titans-pytorch)")
+
+    rows = []
+    for length in args.lengths:
+        flops = 3 * scan_matmul_flops(length, chunk, dims, config.memory_num_heads)
+        runners = {
+            "op (ours)": op_runner(config, memory, length, args.device),
+            "module (ours)": module_runner(memory, length, config.hidden_size, args.device),
+        }
+        if has_titans_pytorch:
+            runners["titans-pytorch default"] = titans_pytorch_runner(config, length, None, args.device)
+            runners["titans-pytorch batch=chunk"] = titans_pytorch_runner(config, length, chunk, args.device)
+        for name, run in runners.items():
+            watch = best_time(run, args.repeats, args.device)
+            seconds = watch.cpu if args.device == "cpu" else watch.wall
+            row = {"impl": name, "tokens": length, "tok/s": length / seconds, "ms": seconds * 1e3}
+            row["op GFLOP/s"] = flops / seconds / 1e9 if name == "op (ours)" else None
+            rows.append(row)
+            print_table([row], list(row))
+
+    columns = ["impl", "tokens", "tok/s", "ms", "op GFLOP/s"]
+    print_table(rows, columns, title="Neural memory forward + backward (batch 1; CPU time on CPU)")
+    run_config = {
+        "lengths": args.lengths,
+        "heads": config.memory_num_heads,
+        "head_dim": d,
+        "memory_dims": dims,
+        "chunk_size": chunk,
+        "hidden_size": config.hidden_size,
+        "op_matmul_flops_per_token": 3 * scan_matmul_flops(chunk, chunk, dims, config.memory_num_heads) / chunk,
+    }
+    write_results(args, "memory_op", run_config, rows, peaks_gflops=peaks)
+    plot(args, rows, peaks)
+
+
+def plot(args, rows, peaks):
+    fig, (speed_ax, flops_ax) = new_figure(ncols=2, width=5.0)
+    for name in dict.fromkeys(r["impl"] for r in rows):
+        mine = [r for r in rows if r["impl"] == name]
+        speed_ax.plot([r["tokens"] for r in mine], [r["tok/s"] for r in mine], marker="o", label=name)
+    op = [r for r in rows if r["op GFLOP/s"] is not None]
+    flops_ax.plot([r["tokens"] for r in op], [r["op GFLOP/s"] for r in op], marker="o", label="op (ours), achieved")
+    for (name, value), style in zip(peaks.items(), ("--", ":")):
+        flops_ax.axhline(value, linestyle=style, color="gray", label=f"peak: {name}")
+    for ax, ylabel in ((speed_ax, "tokens/s (fwd+bwd)"), (flops_ax, "matmul GFLOP/s")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    save_figure(fig, args, "memory_op.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Every benchmark script runs in its seconds-long `--smoke` mode and writes its JSON and PNG.
+
+These check that the scripts work (tables, results, plots), never the speed: no timing is asserted.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+BENCHMARKS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+sys.path.insert(0, BENCHMARKS_DIR)
+
+from memory_op import scan_matmul_flops  # noqa: E402 (after the sys.path entry)
+
+
+def run_smoke(name, extra_args, out_dir):
+    """Runs `benchmarks/<name>.py --smoke` and checks what every script must write; returns its JSON."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", MPLBACKEND="Agg")
+    command = [sys.executable, os.path.join(BENCHMARKS_DIR, f"{name}.py"), "--smoke", "--out", str(out_dir), *extra_args]
+    result = subprocess.run(command, check=False, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    with open(out_dir / f"{name}.json") as f:
+        results = json.load(f)
+    assert results["benchmark"] == name and results["smoke"] is True
+    assert results["machine"]["torch_threads"] == 1 and results["machine"]["cpu_count"] >= 1
+    assert results["versions"]["torch"] and results["versions"]["transformers"]
+    assert results["rows"], "no measurements"
+    assert any(f.startswith(name) and f.endswith(".png") for f in os.listdir(out_dir))
+    assert "wrote" in result.stdout  # the table and the paths are printed
+    return results
+
+
+def test_profile_step_smoke(tmp_path):
+    results = run_smoke("profile_step", ["--variants", "mag"], tmp_path)
+    assert {r["phase"] for r in results["rows"]} == {"mag_train", "mag_decode"}
+    assert all(r["aten_calls"] > 0 for r in results["rows"])
+    assert any("memory" in row["function"] for row in results["phases"]["mag_train"]["python"])
+
+
+def test_memory_op_smoke(tmp_path):
+    results = run_smoke("memory_op", [], tmp_path)
+    op_rows = [r for r in results["rows"] if r["impl"] == "op (ours)"]
+    assert [r["tokens"] for r in op_rows] == results["config"]["lengths"]
+    assert all(r["op GFLOP/s"] > 0 for r in op_rows)
+    assert all(value > 0 for value in results["peaks_gflops"].values())
+
+
+def test_long_context_recall_smoke(tmp_path):
+    results = run_smoke("long_context_recall", ["--tasks", "passkey"], tmp_path)
+    assert {r["model"] for r in results["rows"]} == {"mag (untrained)", "llama (untrained)"}
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in results["rows"])
+    assert len({r["needle_distance"] for r in results["rows"]}) == 2  # two depths per length
+
+
+def test_speed_rows_cover_models_and_lengths(tmp_path):
+    results = run_smoke("speed", ["--models", "lmm", "llama"], tmp_path)
+    train = {(r["model"], r["tokens"]) for r in results["rows"]}
+    decode = {(r["model"], r["context"]) for r in results["decode"]}
+    assert train == {(m, n) for m in ("lmm", "llama") for n in results["config"]["train_lengths"]}
+    assert decode == {(m, n) for m in ("lmm", "llama") for n in results["config"]["decode_contexts"]}
+    assert all(r["tok/s"] > 0 for r in results["rows"])
+    # Llama's KV cache grows with the context; Titans' cache does not (bounded window + memory weights).
+    llama = sorted((r["context"], r["cache_MiB"]) for r in results["decode"] if r["model"] == "llama")
+    assert llama[-1][1] > llama[0][1]
+    titans = {r["cache_MiB"] for r in results["decode"] if r["model"] == "lmm"}
+    assert len(titans) == 1
+
+
+def test_stability_reports_finite_bounded_state(tmp_path):
+    results = run_smoke("stability", [], tmp_path)
+    assert results["summary"]["all_finite"] is True
+    assert [r["tokens"] for r in results["rows"]] == [100, 200, 300]
+    assert all(0 < r["max |M|"] < 1e3 for r in results["rows"])
+
+
+def test_scan_matmul_flops_counts_one_chunk_by_hand():
+    # One head, depth 1 (d -> d), one chunk of c tokens: gradient forward 2cd^2, reads 2*2cd^2 + 2c^2*2d,
+    # state 2*2cd^2, gate products 2c^3 + 2c^2.
+    c, d = 4, 8
+    expected = 2 * c * d * d + 4 * c * d * d + 4 * c * c * d + 4 * c * d * d + 2 * c**3 + 2 * c**2
+    assert scan_matmul_flops(c, c, [d, d], heads=1) == expected
+    # Lengths round up to whole chunks; heads and batch multiply.
+    assert scan_matmul_flops(c + 1, c, [d, d], heads=3, batch=2) == 2 * expected * 3 * 2
