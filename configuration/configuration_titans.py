@@ -34,7 +34,9 @@ class TitansConfig(PreTrainedConfig):
     - `sliding_window` (MAG, MAL): tokens each query sees, itself included.
     - `num_persistent_tokens`: learned attention prefix of every attention layer (Eq. 19, D7).
     - `conv_kernel_size`: causal depthwise convolution on the memory's q, k, v (Sec. 4.4).
-    - `memory_lr_max`: cap theta_max of the inner learning rate theta_t = theta_max * sigmoid(.) (D3).
+    - `memory_lr_max`: cap theta_max of the inner learning rate theta_t = theta_max * sigmoid(.) (D3). Default
+      0.1: a chunk moves the weights by about theta * sum_s (1 - eta^s) / (1 - eta) times the gradient (~86 theta
+      at chunk 16, eta 0.9), which must stay below ~2 for the inner loop to be stable (README, design notes).
     - `memory_forget_init`, `memory_momentum_init`, `memory_lr_init`: initial values of alpha, eta and
       theta / theta_max; they set the gate biases.
     - Ablations of the paper's Table 5 (D9): `use_momentum`, `use_forgetting`, `use_conv`,
@@ -72,7 +74,7 @@ class TitansConfig(PreTrainedConfig):
     sliding_window: int = 2048
     num_persistent_tokens: int = 128
     conv_kernel_size: int = 4
-    memory_lr_max: float = 1.0
+    memory_lr_max: float = 0.1
     memory_forget_init: float = 0.01
     memory_momentum_init: float = 0.9
     memory_lr_init: float = 0.1

@@ -127,6 +127,20 @@ class TitansGate(nn.Linear):
         self.bias_init = math.log(initial_value / (1 - initial_value))
 
 
+class MemoryProjection(nn.Linear):
+    """q, k or v projection of the memory, initialised at unit scale per output channel (std 1/sqrt(d_in)): the
+    memory's own output x + LN(.) has unit-scale channels, so small values would leave the inner loss dominated
+    by the LayerNorm branch and the memory would barely store anything at the start of training."""
+
+
+class CausalDepthwiseConv(nn.Conv1d):
+    """Causal depthwise convolution on the memory's q, k, v (Sec. 4.4), initialised as the identity (only the
+    tap on the current token is 1) so that it does not shrink q, k, v at the start of training."""
+
+    def __init__(self, channels: int, kernel_size: int):
+        super().__init__(channels, channels, kernel_size, groups=channels, bias=False)
+
+
 class MemoryInitialWeights(nn.ParameterList):
     """M_0: the learned initial weights of every memory head, one (heads, d_in, d_out) tensor per layer (D2)."""
 
@@ -156,14 +170,10 @@ class TitansNeuralMemory(nn.Module):
         self.head_dim = config.memory_head_dim
         self.chunk_size = config.memory_chunk_size
         hidden = config.hidden_size
-        self.mem_q_proj = nn.Linear(hidden, hidden, bias=False)
-        self.mem_k_proj = nn.Linear(hidden, hidden, bias=False)
-        self.mem_v_proj = nn.Linear(hidden, hidden, bias=False)
-        self.conv = (
-            nn.Conv1d(3 * hidden, 3 * hidden, config.conv_kernel_size, groups=3 * hidden, bias=False)
-            if config.use_conv
-            else None
-        )
+        self.mem_q_proj = MemoryProjection(hidden, hidden, bias=False)
+        self.mem_k_proj = MemoryProjection(hidden, hidden, bias=False)
+        self.mem_v_proj = MemoryProjection(hidden, hidden, bias=False)
+        self.conv = CausalDepthwiseConv(3 * hidden, config.conv_kernel_size) if config.use_conv else None
         self.forget_gate = (
             TitansGate(hidden, self.num_heads, config.memory_forget_init) if config.use_forgetting else None
         )  # alpha_t
@@ -511,6 +521,11 @@ class TitansPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, TitansGate):
             module.bias.fill_(module.bias_init)
+        elif isinstance(module, MemoryProjection):
+            module.weight.normal_(0.0, module.in_features**-0.5)
+        elif isinstance(module, CausalDepthwiseConv):
+            module.weight.zero_()
+            module.weight[:, 0, -1] = 1.0
         elif isinstance(module, MemoryInitialWeights):
             for weights in module:
                 # M_0 ~ N(0, 1/d_in): a generic MLP initialisation; it is trained as an outer parameter.

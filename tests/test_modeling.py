@@ -71,6 +71,9 @@ ABLATIONS = [
 )
 def test_ablation_switch_builds_a_working_model_that_computes_something_else(variant, ablation):
     default = tiny_model(variant)
+    with torch.no_grad():  # the convolution starts as the identity; give it trained-looking taps
+        for layer in default.model.layers:
+            layer.memory.conv.weight.normal_(0.0, 0.5)
     ablated = tiny_model(variant, **ablation)
     # Same weights wherever the two share a parameter, so any difference comes from the switch itself.
     assert transplant(default, ablated) >= 20
@@ -442,3 +445,30 @@ def test_auto_classes_resolve_titans(tmp_path):
     tiny_model("mac").model.save_pretrained(tmp_path)
     base = AutoModel.from_pretrained(tmp_path)
     assert type(base) is TitansModel
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stability of the inner loop at the default gates
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("memory_depth", [1, 2])
+def test_memory_stays_bounded_at_the_default_gates(memory_depth):
+    """A chunk of c tokens moves the weights by about theta * sum_s (1 - eta^s) / (1 - eta) times the gradient
+    along the keys' common direction; with the old default cap theta_max = 1 the linear memory of the upper
+    layers blew up to inf within 512 tokens. The default gates must keep every layer's memory bounded."""
+    config = TitansConfig(
+        variant="mag", vocab_size=4096, hidden_size=256, intermediate_size=256, num_hidden_layers=4,
+        num_attention_heads=4, memory_num_heads=4, memory_expansion=2, memory_depth=memory_depth,
+        sliding_window=64, num_persistent_tokens=4,
+    )
+    torch.manual_seed(1)
+    model = TitansForCausalLM(config).eval()
+    input_ids = torch.randint(3, 4096, (1, 512), generator=torch.Generator().manual_seed(0))
+    cache = TitansCache(config)
+    with torch.no_grad():
+        model(input_ids, cache=cache)
+    for layer in cache.layers:
+        for weights in layer.memory.weights:
+            assert torch.isfinite(weights).all()
+            assert weights.norm(dim=(-2, -1)).max() < 50
