@@ -78,6 +78,8 @@ def initial_state(initial_weights, batch_size: int, use_momentum: bool = True) -
 
 def select_rows(condition: torch.Tensor, if_true: Weights, if_false: Weights) -> Weights:
     """Per-row choice between two sets of weights; `condition` is (batch,) bool."""
+    if not bool(condition.any()):  # nearly every decoding step (no row closes a chunk): on CPU, torch.where
+        return if_false  # costs several elementwise ops on the weights, far more than reading `condition`
     mask = condition.view(-1, 1, 1, 1)
     return tuple(torch.where(mask, a, b) for a, b in zip(if_true, if_false))
 
@@ -178,12 +180,6 @@ def chunk_coefficients(log_retain, log_momentum, lr, write_mask=None) -> ChunkCo
     log_retain: log(1 - alpha_t); log_momentum: log(eta_t) or None; lr: theta_t; write_mask: 1 for tokens that
     write (masked tokens also get alpha = 0, eta = 1, theta = 0 from `mask_gates`). All (..., c).
     """
-    if log_retain.shape[-1] == 1 and write_mask is None:  # one token (decoding): every ratio above is 1
-        beta, theta = log_retain.exp().unsqueeze(-1), lr.unsqueeze(-1)
-        if log_momentum is None:
-            return ChunkCoefficients(beta, theta, None, None, None)
-        eta = log_momentum.exp().unsqueeze(-1)
-        return ChunkCoefficients(beta, theta, eta, theta, eta)
     log_beta = log_retain.cumsum(-1)
     decay = _pairwise_decay(log_beta)  # beta_t / beta_s
     if write_mask is not None:
@@ -327,7 +323,13 @@ def neural_memory_step(
     lr: torch.Tensor,
     closes_chunk: torch.Tensor,
 ):
-    """One token per row, for decoding: the same math as a chunk of length one.
+    """One token per row, for decoding: the same math as a chunk of length one (`chunk_update`), written as the
+    plain recurrence because one token needs no dual form:
+
+        S_t = eta_t S_{t-1} - theta_t u_t,   M_t = (1 - alpha_t) M_{t-1} + S_t   (Eqs. 13-14)
+
+    with u_t the gradient at the chunk-start weights M_{t'}; the read M_t*(q_t) then uses the new weights directly
+    (one matmul per layer instead of the dual form's three).
 
     `closes_chunk` (batch,) bool says, per row, whether this token is the last of its chunk; there the weights
     become the gradient point of the next chunk, exactly as in `neural_memory_scan`.
@@ -335,9 +337,20 @@ def neural_memory_step(
     queries, keys, values, log_retain, log_momentum, lr = _to_dtype(
         compute_dtype(queries.dtype), queries, keys, values, log_retain, log_momentum, lr
     )
-    coefficients = chunk_coefficients(log_retain, log_momentum, lr)
-    reads, weights, momentum = chunk_update(
-        state.snapshot, state.weights, state.momentum, queries, keys, values, coefficients
-    )
+    inputs, errors = memory_gradient_factors(state.snapshot, keys, values)  # u_t = a^T g, per layer
+    retain = log_retain.exp()[..., None]  # (batch, heads, 1, 1): 1 - alpha_t
+    lr = lr[..., None]  # theta_t
+    if state.momentum is None:  # eta = 0: S_t = -theta_t u_t
+        momentum = None
+        weights = tuple(
+            _subtract_outer_sum(retain * w, a, lr * g) for w, a, g in zip(state.weights, inputs, errors)
+        )
+    else:
+        eta = log_momentum.exp()[..., None]
+        momentum = tuple(
+            _subtract_outer_sum(eta * s, a, lr * g) for s, a, g in zip(state.momentum, inputs, errors)
+        )
+        weights = tuple(torch.addcmul(s, retain, w) for w, s in zip(state.weights, momentum))
+    reads = memory_read(weights, queries)
     snapshot = select_rows(closes_chunk, weights, state.snapshot)
     return reads, MemoryState(weights=weights, snapshot=snapshot, momentum=momentum)
