@@ -82,3 +82,11 @@ def test_scan_matmul_flops_counts_one_chunk_by_hand():
     assert scan_matmul_flops(c, c, [d, d], heads=1) == expected
     # Lengths round up to whole chunks; heads and batch multiply.
     assert scan_matmul_flops(c + 1, c, [d, d], heads=3, batch=2) == 2 * expected * 3 * 2
+
+
+def test_activation_checkpointing_smoke(tmp_path):
+    results = run_smoke("activation_checkpointing", ["--variants", "mag"], tmp_path)
+    assert {(r["tokens"], r["checkpointing"]) for r in results["rows"]} == {
+        (n, c) for n in results["config"]["lengths"] for c in (False, True)
+    }
+    assert all(r["peak MiB"] >= 0 and r["step s (cpu)"] > 0 for r in results["rows"])
