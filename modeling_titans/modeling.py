@@ -253,11 +253,14 @@ class TitansNeuralMemory(nn.Module):
         q, k, v = (self.split_heads(t) for t in F.silu(qkv).chunk(3, dim=-1))
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         log_retain, log_momentum, lr = self.gates(x)
+        write_mask = None if tokens.all_valid else tokens.valid
         if seq_len == 1:
             closes_chunk = (tokens.seen + 1) % self.chunk_size == 0
-            reads, memory = neural_memory_step(state.memory, q, k, v, log_retain, log_momentum, lr, closes_chunk)
+            row_mask = None if write_mask is None else write_mask[:, 0]
+            reads, memory = neural_memory_step(
+                state.memory, q, k, v, log_retain, log_momentum, lr, closes_chunk, row_mask
+            )
         else:
-            write_mask = None if tokens.all_valid else tokens.valid
             reads, memory = neural_memory_scan(
                 state.memory, q, k, v, log_retain, log_momentum, lr, self.chunk_size, write_mask
             )

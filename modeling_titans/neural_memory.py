@@ -322,6 +322,7 @@ def neural_memory_step(
     log_momentum: torch.Tensor | None,
     lr: torch.Tensor,
     closes_chunk: torch.Tensor,
+    write_mask: torch.Tensor | None = None,
 ):
     """One token per row, for decoding: the same math as a chunk of length one (`chunk_update`), written as the
     plain recurrence because one token needs no dual form:
@@ -332,7 +333,8 @@ def neural_memory_step(
     (one matmul per layer instead of the dual form's three).
 
     `closes_chunk` (batch,) bool says, per row, whether this token is the last of its chunk; there the weights
-    become the gradient point of the next chunk, exactly as in `neural_memory_scan`.
+    become the gradient point of the next chunk, exactly as in `neural_memory_scan`. Rows whose `write_mask`
+    (batch,) is False (padding) keep their state.
     """
     queries, keys, values, log_retain, log_momentum, lr = _to_dtype(
         compute_dtype(queries.dtype), queries, keys, values, log_retain, log_momentum, lr
@@ -352,5 +354,9 @@ def neural_memory_step(
         )
         weights = tuple(torch.addcmul(s, retain, w) for w, s in zip(state.weights, momentum))
     reads = memory_read(weights, queries)
+    if write_mask is not None:
+        weights = select_rows(write_mask, weights, state.weights)
+        momentum = None if momentum is None else select_rows(write_mask, momentum, state.momentum)
+        closes_chunk = closes_chunk & write_mask
     snapshot = select_rows(closes_chunk, weights, state.snapshot)
     return reads, MemoryState(weights=weights, snapshot=snapshot, momentum=momentum)

@@ -265,3 +265,23 @@ def test_generate_refuses_a_dynamic_cache():
     model = tiny_model("mac")
     with pytest.raises(TypeError, match="Titans generates with a TitansCache, got DynamicCache"):
         model.generate(random_ids(1, 6), cache=DynamicCache(), max_new_tokens=2)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_padded_single_token_step_leaves_that_row_untouched(variant):
+    """A one-token forward in which one row's token is padding (attention_mask 0) must not write that row's
+    memory: its later logits equal those of the row decoded without the padded step."""
+    model = tiny_model(variant)
+    input_ids = random_ids(2, 12)
+    with torch.no_grad():
+        cache = TitansCache(model.config)
+        model(input_ids[:, :7], cache=cache)
+        mask = torch.ones(2, 8, dtype=torch.long)
+        mask[1, 7] = 0
+        model(input_ids[:, 7:8], attention_mask=mask, cache=cache)
+        mask = torch.cat([mask, torch.ones(2, 4, dtype=torch.long)], dim=1)
+        padded = model(input_ids[:, 8:], attention_mask=mask, cache=cache).logits
+        alone_cache = TitansCache(model.config)
+        model(input_ids[1:, :7], cache=alone_cache)
+        alone = model(input_ids[1:, 8:], cache=alone_cache).logits
+    torch.testing.assert_close(padded[1:], alone, rtol=0, atol=1e-4)
