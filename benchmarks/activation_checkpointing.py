@@ -12,23 +12,25 @@ of only one layer (plus the layer inputs) are alive at a time; the loss and grad
 
 from __future__ import annotations
 
-import multiprocessing
-import resource
-
 import torch
 
-from harness import Stopwatch, build_model, new_figure, parse_args, print_table, save_figure, titans_config, write_results
+from harness import (
+    Stopwatch,
+    build_model,
+    new_figure,
+    parse_args,
+    peak_bytes,
+    print_table,
+    run_in_child,
+    save_figure,
+    titans_config,
+    write_results,
+)
 
 
 def add_arguments(parser):
     parser.add_argument("--variants", nargs="+", default=["mag"], choices=("mac", "mag", "mal", "lmm"))
     parser.add_argument("--lengths", nargs="+", type=int, default=[1024, 4096, 8192])
-
-
-def peak_bytes(device: str) -> int:
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def one_step(variant, length, checkpointing, smoke, device, threads, results):
@@ -48,14 +50,7 @@ def one_step(variant, length, checkpointing, smoke, device, threads, results):
 
 
 def measure(args, variant, length, checkpointing) -> dict:
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    child = context.Process(
-        target=one_step, args=(variant, length, checkpointing, args.smoke, args.device, args.threads, results)
-    )
-    child.start()
-    row = results.get()
-    child.join()
+    row = run_in_child(one_step, variant, length, checkpointing, args.smoke, args.device, args.threads)
     return {"model": variant, "tokens": length, "checkpointing": checkpointing, **row}
 
 

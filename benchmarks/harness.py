@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
+import resource
 import time
 from importlib import metadata
 
@@ -70,12 +72,15 @@ def titans_config(variant: str, smoke: bool, **overrides):
 
 
 def build_model(name: str, smoke: bool, device: str):
-    """`name` is a Titans variant or "llama" (transformers' LlamaForCausalLM, SDPA, same width/depth/vocab)."""
+    """`name` is a Titans variant, "llama" (transformers' LlamaForCausalLM, SDPA, same width/depth/vocab) or
+    "titans-pytorch" (that package's MemoryAsContextTransformer at the same sizes; training only)."""
     if name == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
 
         config = LlamaConfig(attn_implementation="sdpa", **(SMOKE_BACKBONE if smoke else BACKBONE))
         model = LlamaForCausalLM(config)
+    elif name == "titans-pytorch":
+        model = titans_pytorch_mac(smoke)
     else:
         from modeling_titans import TitansForCausalLM
 
@@ -83,8 +88,65 @@ def build_model(name: str, smoke: bool, device: str):
     return model.to(device)
 
 
+def titans_pytorch_mac(smoke: bool):
+    """titans-pytorch's MAC with our benchmark sizes: width, depth, heads, vocab, SwiGLU-sized feed-forward (4x),
+    a memory in every layer with the same heads, head width, MLP depth/expansion and chunk, the same segment and
+    persistent tokens; plain residuals (num_residual_streams=1) like ours, its other defaults (e.g. 16 long-term
+    memory tokens per segment, gradients at the segment start: batch_size=None)."""
+    from titans_pytorch import MemoryAsContextTransformer
+
+    backbone, titans = (SMOKE_BACKBONE, SMOKE_TITANS_FIELDS) if smoke else (BACKBONE, TITANS_FIELDS)
+    heads = backbone["num_attention_heads"]
+    return MemoryAsContextTransformer(
+        num_tokens=backbone["vocab_size"],
+        dim=backbone["hidden_size"],
+        depth=backbone["num_hidden_layers"],
+        heads=heads,
+        dim_head=backbone["hidden_size"] // heads,
+        ff_mult=backbone["intermediate_size"] // backbone["hidden_size"],
+        segment_len=titans["segment_size"],
+        neural_memory_segment_len=titans["memory_chunk_size"],
+        num_persist_mem_tokens=titans["num_persistent_tokens"],
+        num_longterm_mem_tokens=titans["num_persistent_tokens"],
+        num_residual_streams=1,
+        neural_memory_layers=tuple(range(1, backbone["num_hidden_layers"] + 1)),
+        neural_memory_kwargs=dict(
+            heads=titans["memory_num_heads"],
+            dim_head=backbone["hidden_size"] // titans["memory_num_heads"],
+            default_model_kwargs=dict(depth=titans["memory_depth"], expansion_factor=float(titans["memory_expansion"])),
+        ),
+    )
+
+
+def training_loss(model, name: str, input_ids: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy of `input_ids` (labels = inputs) for any model `build_model` makes."""
+    if name == "titans-pytorch":
+        return model(input_ids, return_loss=True)
+    return model(input_ids=input_ids, labels=input_ids).loss
+
+
 def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def peak_bytes(device: str) -> int:
+    """The peak memory so far: CUDA allocations, or on CPU this process's peak resident set size."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def run_in_child(function, *args) -> dict:
+    """Runs `function(*args, queue)` in a fresh process (so a peak it measures is its own) and returns the dict it
+    puts on the queue, or {"error": ...} when the process died (e.g. killed for lack of memory)."""
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    child = context.Process(target=function, args=(*args, results))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        return {"error": f"child process exited with code {child.exitcode}"}
+    return results.get()
 
 
 def synchronize(device: str):
@@ -187,14 +249,17 @@ def print_table(rows: list[dict], columns: list[str], title: str = ""):
         print("  ".join(v.rjust(w) for v, w in zip(r, widths)))
 
 
-def new_figure(ncols: int = 1, width: float = 6.0, height: float = 4.0):
+def new_figure(ncols: int = 1, width: float = 6.0, height: float = 4.0, nrows: int | None = None):
+    """A figure of panels of `width` x `height` inches: one row of `ncols` (the axes as a list), or with `nrows`
+    a grid (the axes indexed [row][column])."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
-    return fig, axes[0]
+    rows = nrows or 1
+    fig, axes = plt.subplots(rows, ncols, figsize=(width * ncols, height * rows), squeeze=False)
+    return fig, (axes if nrows else axes[0])
 
 
 def save_figure(fig, args, filename: str):

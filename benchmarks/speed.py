@@ -1,14 +1,20 @@
-"""Training throughput and decoding speed of every Titans variant next to a same-size Llama.
+"""Training throughput, peak memory and decoding speed of every Titans variant next to a same-size Llama and
+titans-pytorch's MAC.
 
-Training: forward + backward of one sequence (batch 1, labels = inputs), tokens/s at each length.
+Training: forward + backward at each sequence length with about `--tokens-per-step` tokens per step (batch =
+tokens // length, at least 1; labels = inputs), tokens/s and the step's peak memory. Each (model, length) runs in
+a fresh process after one warm-up step at the shortest length; the peak is the growth of the process's peak
+resident set (CPU) or of `torch.cuda.max_memory_allocated` (CUDA) from before the warm-up, so it counts
+activations and gradients, not the weights. titans-pytorch (optional: `pip install titans-pytorch`) is timed in
+training only; its rows are skipped when it is not installed.
 Decoding: prefill a random context of each length with the cache on, then time single-token forward passes
 (greedy next token, no sampling or generate() overhead): ms/token, and the bytes the cache holds
 (Titans: `TitansCache.memory_bytes()`; Llama: the key/value tensors of its DynamicCache).
 Titans' cache is bounded (memory weights + one window or segment of keys), so its decode time should stay flat
 as the context grows, while Llama's KV cache and per-token attention grow linearly.
 
-    python benchmarks/speed.py                      # CPU, 1 thread, a few minutes
-    python benchmarks/speed.py --device cuda --train-lengths 512 1024 4096 16384 --decode-contexts 1024 8192 65536
+    python benchmarks/speed.py                      # CPU, 1 thread, about half an hour
+    python benchmarks/speed.py --device cuda --tokens-per-step 16384
 """
 
 from __future__ import annotations
@@ -18,40 +24,59 @@ import statistics
 import torch
 
 from harness import (
+    BACKBONE,
+    SMOKE_BACKBONE,
     VARIANTS,
     Stopwatch,
     build_model,
     count_parameters,
     new_figure,
     parse_args,
+    peak_bytes,
     print_table,
+    run_in_child,
     save_figure,
+    training_loss,
     write_results,
 )
 
-MODELS = (*VARIANTS, "llama")
+MODELS = (*VARIANTS, "llama", "titans-pytorch")
+DECODING_MODELS = (*VARIANTS, "llama")  # titans-pytorch: training only
 
 
 def add_arguments(parser):
-    parser.add_argument("--train-lengths", type=int, nargs="+", default=[1024, 4096])
-    parser.add_argument("--decode-contexts", type=int, nargs="+", default=[256, 1024, 4096, 8192])
+    parser.add_argument("--train-lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--tokens-per-step", type=int, default=4096, help="batch = this // length (at least 1)")
+    parser.add_argument(
+        "--decode-contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768, 65536]
+    )
     parser.add_argument("--decode-steps", type=int, default=16, help="timed decode steps per context length")
-    parser.add_argument("--repeats", type=int, default=1, help="training steps timed per length (the fastest is kept)")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
 
 
-def train_step_time(model, length: int, repeats: int, device: str) -> Stopwatch:
-    """Best (lowest wall time) of `repeats` forward+backward passes over one sequence of `length` tokens."""
-    vocab = model.config.vocab_size
-    best = None
-    for _ in range(repeats):
-        ids = torch.randint(3, vocab, (1, length), device=device)
-        model.zero_grad(set_to_none=True)
-        with Stopwatch(device) as watch:
-            model(input_ids=ids, labels=ids).loss.backward()
-        if best is None or watch.wall < best.wall:
-            best = watch
-    return best
+def train_step(name, length, batch_size, warmup_length, smoke, device, threads, results):
+    """Child process: one warm-up step at `warmup_length`, then one timed forward + backward of `batch_size`
+    sequences of `length` tokens; puts tok/s, the step time and the peak memory growth on `results`."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = build_model(name, smoke, device).train()
+    vocab = (SMOKE_BACKBONE if smoke else BACKBONE)["vocab_size"]
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    before = peak_bytes(device)
+    warmup = torch.randint(3, vocab, (1, warmup_length), device=device)
+    training_loss(model, name, warmup).backward()  # allocator, kernels
+    model.zero_grad(set_to_none=True)
+    input_ids = torch.randint(3, vocab, (batch_size, length), device=device)
+    with Stopwatch(device) as watch:
+        training_loss(model, name, input_ids).backward()
+    tokens = batch_size * length
+    results.put({
+        "tok/s": tokens / watch.wall,
+        "tok/s (cpu time)": tokens / watch.cpu,
+        "step_s": watch.wall,
+        "peak_MiB": (peak_bytes(device) - before) / 2**20,
+    })
 
 
 def cache_bytes(cache) -> int:
@@ -81,24 +106,20 @@ def decode_times(model, name: str, context: int, steps: int, device: str):
 def main():
     args = parse_args(__doc__.splitlines()[0], add_arguments)
     if args.smoke:
-        args.train_lengths, args.decode_contexts, args.decode_steps, args.repeats = [32, 64], [16, 48], 3, 1
+        args.train_lengths, args.tokens_per_step, args.decode_contexts, args.decode_steps = [32, 64], 64, [16, 48], 3
+    models = [name for name in args.models if name != "titans-pytorch" or has_titans_pytorch()]
     train_rows, decode_rows, sizes = [], [], {}
-    for name in args.models:
-        model = build_model(name, args.smoke, args.device)
-        sizes[name] = count_parameters(model)
-        model.train()
-        train_step_time(model, min(args.train_lengths), 1, args.device)  # warm-up: allocator, kernels
+    for name in models:
+        sizes[name] = count_parameters(build_model(name, args.smoke, "cpu"))  # "meta" would untie embeddings
         for length in args.train_lengths:
-            watch = train_step_time(model, length, args.repeats, args.device)
-            row = {"model": name, "params_M": sizes[name] / 1e6, "tokens": length}
-            row.update({"tok/s": length / watch.wall, "tok/s (cpu time)": length / watch.cpu, "step_s": watch.wall})
-            if args.device == "cuda":
-                row["peak_MiB"] = torch.cuda.max_memory_allocated() / 2**20
-                torch.cuda.reset_peak_memory_stats()
+            batch_size = max(1, args.tokens_per_step // length)
+            row = {"model": name, "params_M": sizes[name] / 1e6, "tokens": length, "batch": batch_size}
+            step = (name, length, batch_size, min(args.train_lengths), args.smoke, args.device, args.threads)
+            row.update(run_in_child(train_step, *step))
             train_rows.append(row)
             print_table([row], list(row), title=f"train {name} {length}")
-        model.eval()
-        model.zero_grad(set_to_none=True)
+    for name in (name for name in models if name in DECODING_MODELS):
+        model = build_model(name, args.smoke, args.device).eval()
         for context in args.decode_contexts:
             prefill, step_ms, nbytes = decode_times(model, name, context, args.decode_steps, args.device)
             row = {"model": name, "context": context}
@@ -110,42 +131,56 @@ def main():
             print_table([row], list(row), title=f"decode {name} {context}")
         del model
 
-    print_table(train_rows, list(train_rows[0]), title="Training (forward + backward, batch 1)")
-    print_table(decode_rows, list(decode_rows[0]), title="Decoding (one token after `context` tokens)")
+    train_columns = ["model", "params_M", "tokens", "batch", "tok/s", "tok/s (cpu time)", "step_s", "peak_MiB", "error"]
+    print_table(train_rows, train_columns, title="Training (forward + backward)")
+    if decode_rows:
+        print_table(decode_rows, list(decode_rows[0]), title="Decoding (one token after `context` tokens)")
     config = {
         "train_lengths": args.train_lengths,
+        "tokens_per_step": args.tokens_per_step,
         "decode_contexts": args.decode_contexts,
         "decode_steps": args.decode_steps,
-        "repeats": args.repeats,
-        "batch_size": 1,
         "dtype": "float32",
         "parameters": sizes,
-        "titans": build_model("mag", args.smoke, "meta").config.to_dict() if "mag" in args.models else None,
+        "titans": build_model("mag", args.smoke, "meta").config.to_dict(),
     }
     write_results(args, "speed", config, train_rows, decode=decode_rows)
-    plot(args, train_rows, decode_rows)
+    plot(args, models, train_rows, decode_rows)
 
 
-def plot(args, train_rows, decode_rows):
-    fig, (train_ax, decode_ax, cache_ax) = new_figure(ncols=3, width=4.8)
-    for name in args.models:
-        train = [r for r in train_rows if r["model"] == name]
+def has_titans_pytorch() -> bool:
+    try:
+        import titans_pytorch  # noqa: F401
+    except ImportError:
+        print("titans-pytorch is not installed: its rows are skipped (pip install titans-pytorch)")
+        return False
+    return True
+
+
+def plot(args, models, train_rows, decode_rows):
+    fig, (train_ax, peak_ax, decode_ax, cache_ax) = new_figure(ncols=4, width=4.4)
+    for name in models:
+        train = [r for r in train_rows if r["model"] == name and "error" not in r]
         decode = [r for r in decode_rows if r["model"] == name]
-        style = dict(marker="o", linestyle="--" if name == "llama" else "-", label=name)
+        style = dict(marker="o", linestyle="-" if name in VARIANTS else "--", label=name)
         train_ax.plot([r["tokens"] for r in train], [r["tok/s (cpu time)"] for r in train], **style)
-        decode_ax.plot([r["context"] for r in decode], [r["ms/token (cpu time)"] for r in decode], **style)
-        cache_ax.plot([r["context"] for r in decode], [r["cache_MiB"] for r in decode], **style)
+        peak_ax.plot([r["tokens"] for r in train], [r["peak_MiB"] for r in train], **style)
+        if decode:
+            decode_ax.plot([r["context"] for r in decode], [r["ms/token (cpu time)"] for r in decode], **style)
+            cache_ax.plot([r["context"] for r in decode], [r["cache_MiB"] for r in decode], **style)
     for ax, title, ylabel in (
-        (train_ax, "training throughput", "tokens/s (fwd+bwd, CPU time)"),
+        (train_ax, f"training, ~{args.tokens_per_step} tokens/step", "tokens/s (fwd+bwd, CPU time)"),
+        (peak_ax, "training peak memory", "MiB (activations + gradients)"),
         (decode_ax, "decoding", "ms/token (CPU time)"),
         (cache_ax, "cache size", "MiB"),
     ):
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("sequence length" if ax is train_ax else "context tokens")
+        ax.set_xlabel("sequence length" if ax in (train_ax, peak_ax) else "context tokens")
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    cache_ax.set_yscale("log")
+    for ax in (peak_ax, cache_ax):
+        ax.set_yscale("log")
     train_ax.legend()
     save_figure(fig, args, "speed.png")
 

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 BENCHMARKS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 sys.path.insert(0, BENCHMARKS_DIR)
 
@@ -46,11 +48,16 @@ def test_memory_op_smoke(tmp_path):
     assert all(value > 0 for value in results["peaks_gflops"].values())
 
 
-def test_long_context_recall_smoke(tmp_path):
-    results = run_smoke("long_context_recall", ["--tasks", "passkey"], tmp_path)
-    assert {r["model"] for r in results["rows"]} == {"mag (untrained)", "llama (untrained)"}
+def test_long_context_recall_trains_saves_and_scores_each_model(tmp_path):
+    results = run_smoke("long_context_recall", ["--tasks", "passkey", "--models", "mag", "swa", "llama"], tmp_path)
+    assert {r["model"] for r in results["rows"]} == {"mag", "swa", "llama"}
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in results["rows"])
     assert len({r["needle_distance"] for r in results["rows"]}) == 2  # two depths per length
+    # Same budget for every model, recorded with the results; each model was saved and reloaded for scoring.
+    budgets = [results["training"][name]["budget"] for name in ("mag", "swa", "llama")]
+    assert budgets[0] == budgets[1] == budgets[2]
+    assert sorted(os.listdir(tmp_path / "models")) == ["llama", "mag", "swa"]
+    assert [row["model"] for row in results["summary"]] == ["mag", "swa", "llama"]
 
 
 def test_speed_rows_cover_models_and_lengths(tmp_path):
@@ -59,7 +66,9 @@ def test_speed_rows_cover_models_and_lengths(tmp_path):
     decode = {(r["model"], r["context"]) for r in results["decode"]}
     assert train == {(m, n) for m in ("lmm", "llama") for n in results["config"]["train_lengths"]}
     assert decode == {(m, n) for m in ("lmm", "llama") for n in results["config"]["decode_contexts"]}
-    assert all(r["tok/s"] > 0 for r in results["rows"])
+    assert all(r["tok/s"] > 0 and r["peak_MiB"] >= 0 for r in results["rows"])
+    tokens_per_step = results["config"]["tokens_per_step"]
+    assert all(r["batch"] == max(1, tokens_per_step // r["tokens"]) for r in results["rows"])
     # Llama's KV cache grows with the context; Titans' cache does not (bounded window + memory weights).
     llama = sorted((r["context"], r["cache_MiB"]) for r in results["decode"] if r["model"] == "llama")
     assert llama[-1][1] > llama[0][1]
@@ -90,3 +99,17 @@ def test_activation_checkpointing_smoke(tmp_path):
         (n, c) for n in results["config"]["lengths"] for c in (False, True)
     }
     assert all(r["peak MiB"] >= 0 and r["step s (cpu)"] > 0 for r in results["rows"])
+
+
+def test_titans_pytorch_model_has_matching_sizes():
+    pytest.importorskip("titans_pytorch")  # optional benchmark extra: pip install -e ".[bench]"
+    import torch
+    from harness import BACKBONE, build_model, count_parameters, training_loss
+
+    theirs = build_model("titans-pytorch", smoke=True, device="cpu")
+    loss = training_loss(theirs, "titans-pytorch", torch.randint(0, 259, (1, 20)))
+    loss.backward()
+    assert loss.item() > 0
+    # At the benchmark size it is within 5% of our MAC's parameter count (same width, depth, memory, segment).
+    ours, theirs = (count_parameters(build_model(name, False, "cpu")) for name in ("mac", "titans-pytorch"))
+    assert abs(theirs - ours) / ours < 0.05 and BACKBONE["hidden_size"] == 256

@@ -247,22 +247,31 @@ def phase_steps(total: int, phases: int) -> list[int]:
 
 
 def train(config, tokenizer, seq_lens: list[int], args, memory_writes: bool):
-    """Trains a fresh model with AdamW (warmup, cosine decay, clipping) over the curriculum; returns the model and
-    its loss history. `memory_writes=False` trains the memory-less baseline (memory frozen at M_0)."""
-    import torch
-
+    """Trains a fresh Titans model on the demo task; returns the model and its loss history.
+    `memory_writes=False` trains the memory-less baseline (memory frozen at M_0)."""
     from modeling_titans import TitansForCausalLM
-    from modeling_titans.data import TaskDataset
 
     model = TitansForCausalLM(config)
     model.set_memory_writes(memory_writes)
+    label = "Titans" if memory_writes else "baseline (no memory writes)"
+    history = train_on_tasks(model, tokenizer, [TASK], seq_lens, args, label)
+    model.set_memory_writes(True)
+    return model.eval(), history
+
+
+def train_on_tasks(model, tokenizer, tasks: list[str], seq_lens: list[int], args, label: str) -> dict:
+    """Trains any causal LM in place with AdamW (warmup, cosine decay, clipping) over the length curriculum on an
+    even mix of the built-in `tasks` (loss on the answer); returns the loss history. Reads `steps`, `batch_size`,
+    `learning_rate`, `eval_every`, `eval_examples` and `seed` from `args`."""
+    import torch
+
+    from modeling_titans.data import TaskDataset
+
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(0.9, 0.95), weight_decay=0.0)
     warmup = max(1, args.steps // 20)
 
-    def learning_rate_factor(
-        step,
-    ):  # linear warmup, then cosine down to 10% of the peak
+    def learning_rate_factor(step):  # linear warmup, then cosine down to 10% of the peak
         if step < warmup:
             return (step + 1) / warmup
         return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.steps - warmup)))
@@ -270,9 +279,10 @@ def train(config, tokenizer, seq_lens: list[int], args, memory_writes: bool):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor)
     # The validation loss is always measured on the longest training length, so the curve is comparable across
     # phases.
-    validation = TaskDataset(TASK, "validation", args.eval_examples, max(seq_lens), tokenizer, seed=args.seed)
+    validation = torch.utils.data.ConcatDataset(
+        [TaskDataset(task, "validation", args.eval_examples, max(seq_lens), tokenizer, seed=args.seed) for task in tasks]
+    )
     validation_batch = collate([validation[i] for i in range(len(validation))])
-    label = "Titans" if memory_writes else "baseline (no memory writes)"
     history = {"train_loss": [], "validation_loss": [], "seconds": None}
     started, step, running = time.time(), 0, None
     print(f"\nTraining {label}: {model.num_parameters():,} parameters, {args.steps} steps, batch {args.batch_size}.")
@@ -281,8 +291,17 @@ def train(config, tokenizer, seq_lens: list[int], args, memory_writes: bool):
     for phase, (seq_len, steps) in enumerate(zip(seq_lens, phase_steps(args.steps, len(seq_lens)))):
         # A seed per phase: example i of a task is drawn from (seed, i), so phases with one seed would repeat codes.
         phase_seed = args.seed * len(seq_lens) + phase
-        data = TaskDataset(TASK, "train", steps * args.batch_size, seq_len, tokenizer, seed=phase_seed)
-        loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, collate_fn=collate)
+        data = torch.utils.data.ConcatDataset(
+            [
+                TaskDataset(task, "train", count, seq_len, tokenizer, seed=phase_seed)
+                for task, count in zip(tasks, phase_steps(steps * args.batch_size, len(tasks)))
+            ]
+        )
+        # Shuffled so that every batch mixes the tasks (one task: its examples in order, as before).
+        order = torch.Generator().manual_seed(phase_seed)
+        loader = torch.utils.data.DataLoader(
+            data, batch_size=args.batch_size, collate_fn=collate, shuffle=len(tasks) > 1, generator=order
+        )
         for batch in loader:
             loss = model(**batch).loss
             loss.backward()
@@ -296,8 +315,7 @@ def train(config, tokenizer, seq_lens: list[int], args, memory_writes: bool):
             if step % args.eval_every == 0 or step == args.steps:
                 record_validation(model, validation_batch, history, step, seq_len, running, started)
     history["seconds"] = round(time.time() - started, 1)
-    model.set_memory_writes(True)
-    return model.eval(), history
+    return history
 
 
 def collate(items: list[dict]) -> dict:
