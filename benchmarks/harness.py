@@ -144,6 +144,8 @@ def run_in_child(function, *args) -> dict:
     child = context.Process(target=function, args=(*args, results))
     child.start()
     child.join()
+    if child.exitcode == -9:  # SIGKILL: on Linux almost always the kernel's out-of-memory killer
+        return {"error": "killed (SIGKILL), most likely out of memory"}
     if child.exitcode != 0:
         return {"error": f"child process exited with code {child.exitcode}"}
     return results.get()

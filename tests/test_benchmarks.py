@@ -54,10 +54,18 @@ def test_long_context_recall_trains_saves_and_scores_each_model(tmp_path):
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in results["rows"])
     assert len({r["needle_distance"] for r in results["rows"]}) == 2  # two depths per length
     # Same budget for every model, recorded with the results; each model was saved and reloaded for scoring.
-    budgets = [results["training"][name]["budget"] for name in ("mag", "swa", "llama")]
+    budgets = [results["training"][f"{name} on passkey"]["budget"] for name in ("mag", "swa", "llama")]
     assert budgets[0] == budgets[1] == budgets[2]
-    assert sorted(os.listdir(tmp_path / "models")) == ["llama", "mag", "swa"]
+    assert sorted(os.listdir(tmp_path / "models" / "passkey")) == ["llama", "mag", "swa"]
     assert [row["model"] for row in results["summary"]] == ["mag", "swa", "llama"]
+
+
+def test_long_context_recall_task_mix_trains_one_model_for_all_tasks(tmp_path):
+    arguments = ["--mix", "--tasks", "passkey", "recall", "--models", "lmm"]
+    results = run_smoke("long_context_recall", arguments, tmp_path)
+    assert os.listdir(tmp_path / "models") == ["mix"]
+    assert results["training"]["lmm on passkey+recall"]["tasks"] == ["passkey", "recall"]
+    assert {(r["model"], r["task"]) for r in results["rows"]} == {("lmm", "passkey"), ("lmm", "recall")}
 
 
 def test_speed_rows_cover_models_and_lengths(tmp_path):
