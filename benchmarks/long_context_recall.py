@@ -9,15 +9,19 @@ default one model per task (passkey, multi-query associative recall, bAbI-style 
 - `mag`, `mac`, `mal`, `lmm`: Titans, attention window / segment of 32 tokens (the preset's);
 - `swa`: transformers' `MistralForCausalLM` with a 32-token sliding window (attention only, no memory);
 - `llama`: transformers' `LlamaForCausalLM`, full causal attention (SDPA).
-Every needle is at least 43 tokens before the question, beyond the 32-token windows: the windowed models can
-only answer through a memory. All models see at most 384 tokens in training and are tested at 1K-16K.
+The needles lie 43 tokens to 16K tokens before the question. One 32-token window cannot see them, but two stacked
+layers of windows reach 62 tokens back, so the nearest depth column (43-56 tokens back) is within the
+attention-only models' reach; every other column (at least ~320 tokens back) can only be answered through a
+memory (or Llama's full attention). All models see at most 384 tokens in training; they are tested at 1K-16K
+and, for reference, at 384.
 
 Evaluation: for each task, length and needle depth, `--examples` test-split examples (keys and values never seen
 in training), greedy answers, exact match (`titans eval`'s `evaluate_cell`). The needle distances are spread
 evenly over the range each length allows; a heatmap column is the needle's depth in the prompt (0 = at the
 start, 1 = next to the question). `--checkpoint name=path` adds any other saved model (scored on every task).
-The scores of the models trained here are saved next to them (`scores.json`) and reused while the settings
-match, so each task can be scored in its own process and a last run collects everything into one table and plot.
+The scores of the models trained here are saved cell by cell next to them (`scores.json`) and reused, so each
+task can be scored in its own process, a last run collects everything into one table and plot, and a new length
+costs only its own cells.
 
     python benchmarks/long_context_recall.py --train-only --tasks passkey     # train (e.g. one process per task)
     python benchmarks/long_context_recall.py --train-only --tasks recall
@@ -49,7 +53,8 @@ def add_arguments(parser):
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--checkpoint", nargs="+", default=[], metavar="NAME=PATH", help="also score these models")
     parser.add_argument("--tasks", nargs="+", default=["passkey", "recall", "babi"])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[384, 1024, 2048, 4096, 8192, 16384],
+                        help="context lengths in tokens (384: the longest training length, for reference)")
     parser.add_argument("--depths", type=int, default=4, help="needle distances per length")
     parser.add_argument("--examples", type=int, default=10, help="test examples per cell")
     parser.add_argument("--eval-batch-size", type=int, default=10)
@@ -131,37 +136,45 @@ def needle_distances(task: str, text_length: int, count: int) -> list[int]:
 
 def evaluate(name: str, folder: str, tokenizer, tasks: list[str], args, keep_scores: bool) -> list[dict]:
     """One row per task x length x needle distance: exact-match accuracy of greedy answers on the test split.
-    With `keep_scores` the rows are kept in `folder/scores.json` and reused while the settings match (unless
-    `--rescore`), so that models can be scored in parallel processes and collected by a final run."""
+    With `keep_scores` every cell is kept in `folder/scores.json` and reused (unless `--rescore`), so that models
+    can be scored in parallel processes, collected by a final run, and extended with new lengths."""
     from transformers import AutoModelForCausalLM
 
     import modeling_titans  # noqa: F401 (registers the Titans Auto classes)
     from modeling_titans.commands.eval import evaluate_cell
 
-    settings = {"tasks": tasks, "lengths": args.lengths, "depths": args.depths, "examples": args.examples, "seed": 0}
     scores_path = os.path.join(folder, SCORES_NAME)
+    saved = {}
     if keep_scores and os.path.exists(scores_path) and not args.rescore:
         with open(scores_path) as f:
-            saved = json.load(f)
-        if saved["settings"] == settings:
-            print(f"{name}: scores from {scores_path}")
-            return [dict(row, model=name) for row in saved["rows"]]
-    model = AutoModelForCausalLM.from_pretrained(folder).to(args.device).eval()
-    cell_settings = argparse.Namespace(split="test", num_examples=args.examples, seed=0, batch_size=args.eval_batch_size)
+            saved = {cell_key(cell): cell for cell in json.load(f)}
+    model = None
+    cell_settings = argparse.Namespace(
+        split="test", num_examples=args.examples, seed=0, batch_size=args.eval_batch_size
+    )
     rows = []
     for task in tasks:
         for length in args.lengths:
             for distance in needle_distances(task, length - 2, args.depths):  # length counts <s> and </s>
-                cell = evaluate_cell(model, tokenizer, task, length, distance, cell_settings)
-                depth = 1 - distance / (length - 2)
                 row = {"model": name, "task": task, "length": length, "needle_distance": distance,
-                       "depth": round(depth, 2), "accuracy": cell["accuracy"]}
+                       "depth": round(1 - distance / (length - 2), 2), "examples": args.examples}
+                if cell_key(row) in saved:
+                    row["accuracy"] = saved[cell_key(row)]["accuracy"]
+                else:
+                    if model is None:
+                        model = AutoModelForCausalLM.from_pretrained(folder).to(args.device).eval()
+                    row["accuracy"] = evaluate_cell(model, tokenizer, task, length, distance, cell_settings)["accuracy"]
+                    saved[cell_key(row)] = row
+                    print_table([row], list(row))
                 rows.append(row)
-                print_table([row], list(row))
     if keep_scores:
         with open(scores_path, "w") as f:
-            json.dump({"settings": settings, "rows": rows}, f, indent=2)
+            json.dump(list(saved.values()), f, indent=1)
     return rows
+
+
+def cell_key(cell: dict) -> tuple:
+    return cell["task"], cell["length"], cell["needle_distance"], cell["examples"]
 
 
 def main():

@@ -127,6 +127,11 @@ def run(args) -> int:
         with open(os.path.join(args.output_dir, SUMMARY_NAME), "w") as f:
             json.dump(summary, f, indent=2)
         print(f"Saved the model to {args.output_dir} (eval loss {summary['metrics']['final_eval_loss']:.4f}).")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Under torchrun / accelerate: every rank waits for rank 0's files, then the process group is torn down
+        # before exit (left to the interpreter's exit, gloo's threads could abort a rank: "terminate called ...").
+        trainer.accelerator.wait_for_everyone()
+        torch.distributed.destroy_process_group()
     return 0
 
 
