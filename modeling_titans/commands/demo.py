@@ -297,7 +297,7 @@ def train_on_tasks(model, tokenizer, tasks: list[str], seq_lens: list[int], args
                 for task, count in zip(tasks, phase_steps(steps * args.batch_size, len(tasks)))
             ]
         )
-        # Shuffled so that every batch mixes the tasks (one task: its examples in order, as before).
+        # Several tasks: shuffled, so that every batch mixes them. One task: in order (the demo's recorded curve).
         order = torch.Generator().manual_seed(phase_seed)
         loader = torch.utils.data.DataLoader(
             data, batch_size=args.batch_size, collate_fn=collate, shuffle=len(tasks) > 1, generator=order
