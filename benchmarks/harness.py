@@ -89,32 +89,36 @@ def build_model(name: str, smoke: bool, device: str):
 
 
 def titans_pytorch_mac(smoke: bool):
-    """titans-pytorch's MAC with our benchmark sizes: width, depth, heads, vocab, SwiGLU-sized feed-forward (4x),
-    a memory in every layer with the same heads, head width, MLP depth/expansion and chunk, the same segment and
-    persistent tokens; plain residuals (num_residual_streams=1) like ours, its other defaults (e.g. 16 long-term
-    memory tokens per segment, gradients at the segment start: batch_size=None)."""
+    """titans-pytorch's MAC with the sizes of our MAC: width, depth, heads, vocab, feed-forward width, a memory in
+    every layer with the same heads, head width, MLP depth/expansion and chunk, the same segment and persistent
+    tokens; plain residuals (num_residual_streams=1) like ours, its other defaults (e.g. 16 long-term memory
+    tokens per segment, gradients at the segment start: batch_size=None)."""
     from titans_pytorch import MemoryAsContextTransformer
 
-    backbone, titans = (SMOKE_BACKBONE, SMOKE_TITANS_FIELDS) if smoke else (BACKBONE, TITANS_FIELDS)
-    heads = backbone["num_attention_heads"]
+    config = titans_config("mac", smoke)
     return MemoryAsContextTransformer(
-        num_tokens=backbone["vocab_size"],
-        dim=backbone["hidden_size"],
-        depth=backbone["num_hidden_layers"],
-        heads=heads,
-        dim_head=backbone["hidden_size"] // heads,
-        ff_mult=backbone["intermediate_size"] // backbone["hidden_size"],
-        segment_len=titans["segment_size"],
-        neural_memory_segment_len=titans["memory_chunk_size"],
-        num_persist_mem_tokens=titans["num_persistent_tokens"],
-        num_longterm_mem_tokens=titans["num_persistent_tokens"],
+        num_tokens=config.vocab_size,
+        dim=config.hidden_size,
+        depth=config.num_hidden_layers,
+        heads=config.num_attention_heads,
+        dim_head=config.head_dim,
+        ff_mult=config.intermediate_size // config.hidden_size,
+        segment_len=config.segment_size,
+        neural_memory_segment_len=config.memory_chunk_size,
+        num_persist_mem_tokens=config.num_persistent_tokens,
+        num_longterm_mem_tokens=config.num_persistent_tokens,
         num_residual_streams=1,
-        neural_memory_layers=tuple(range(1, backbone["num_hidden_layers"] + 1)),
-        neural_memory_kwargs=dict(
-            heads=titans["memory_num_heads"],
-            dim_head=backbone["hidden_size"] // titans["memory_num_heads"],
-            default_model_kwargs=dict(depth=titans["memory_depth"], expansion_factor=float(titans["memory_expansion"])),
-        ),
+        neural_memory_layers=tuple(range(1, config.num_hidden_layers + 1)),
+        neural_memory_kwargs=titans_pytorch_memory_kwargs(config),
+    )
+
+
+def titans_pytorch_memory_kwargs(config) -> dict:
+    """titans-pytorch `NeuralMemory` arguments for the memory of a TitansConfig: heads, head width, MLP shape."""
+    return dict(
+        heads=config.memory_num_heads,
+        dim_head=config.memory_head_dim,
+        default_model_kwargs=dict(depth=config.memory_depth, expansion_factor=float(config.memory_expansion)),
     )
 
 

@@ -28,6 +28,7 @@ from harness import (
     print_table,
     save_figure,
     titans_config,
+    titans_pytorch_memory_kwargs,
     write_results,
 )
 
@@ -125,9 +126,7 @@ def titans_pytorch_runner(config, length, batch_size, device):
         dim=config.hidden_size,
         chunk_size=config.memory_chunk_size,
         batch_size=batch_size,
-        heads=config.memory_num_heads,
-        dim_head=config.memory_head_dim,
-        default_model_kwargs=dict(depth=config.memory_depth, expansion_factor=float(config.memory_expansion)),
+        **titans_pytorch_memory_kwargs(config),
     ).to(device)
     x = torch.randn(1, length, config.hidden_size, device=device, requires_grad=True)
 

@@ -36,6 +36,7 @@ from harness import (
     print_table,
     run_in_child,
     save_figure,
+    titans_config,
     training_loss,
     write_results,
 )
@@ -142,7 +143,7 @@ def main():
         "decode_steps": args.decode_steps,
         "dtype": "float32",
         "parameters": sizes,
-        "titans": build_model("mag", args.smoke, "meta").config.to_dict(),
+        "titans": titans_config("mag", args.smoke).to_dict(),
     }
     write_results(args, "speed", config, train_rows, decode=decode_rows)
     plot(args, models, train_rows, decode_rows)
