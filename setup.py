@@ -28,6 +28,8 @@ setup(
     packages=[
         "modeling_titans",
         "modeling_titans.commands",
+        "modeling_titans.layers",
+        "modeling_titans.ops",
         "modeling_titans.configuration",
         "modeling_titans.tokenization",
         "modeling_titans.hub_upload",

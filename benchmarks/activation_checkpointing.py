@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from modeling_titans.configuration.configuration_titans import VARIANTS
+
 from harness import (
     Stopwatch,
     build_model,
@@ -29,7 +31,7 @@ from harness import (
 
 
 def add_arguments(parser):
-    parser.add_argument("--variants", nargs="+", default=["mag"], choices=("mac", "mag", "mal", "lmm"))
+    parser.add_argument("--variants", nargs="+", default=["mag"], choices=VARIANTS)
     parser.add_argument("--lengths", nargs="+", type=int, default=[1024, 4096, 8192])
 
 

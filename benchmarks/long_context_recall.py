@@ -35,7 +35,6 @@ import argparse
 import json
 import os
 
-import torch
 
 from harness import new_figure, parse_args, print_table, save_figure, write_results
 

@@ -2,7 +2,7 @@
 
 Rows:
 - `op`: `neural_memory_scan` on ready-made q, k, v and gates (no projections): the chunked closed form of
-  `modeling_titans/neural_memory.py`.
+  `modeling_titans/ops/neural_memory.py`.
 - `module`: our `TitansNeuralMemory` token mixer (projections, convolution, gates, op, output gate).
 - `titans-pytorch` (optional, `pip install titans-pytorch`): its `NeuralMemory` at the same heads, head width,
   memory MLP (depth 2, expansion 4) and chunk size, once with its default `batch_size=None` (every gradient
@@ -81,7 +81,7 @@ def best_time(run, repeats: int, device: str) -> Stopwatch:
 
 def op_runner(config, memory, length, device):
     """Forward + backward of the bare chunked scan on random, already normalised inputs."""
-    from modeling_titans.neural_memory import initial_state, neural_memory_scan
+    from modeling_titans.ops.neural_memory import initial_state, neural_memory_scan
 
     heads, d = config.memory_num_heads, config.memory_head_dim
     shape = (1, heads, length)
@@ -97,15 +97,15 @@ def op_runner(config, memory, length, device):
 
     def run():
         memory.zero_grad(set_to_none=True)
-        state = initial_state(list(memory.initial_weights), 1)
-        reads, _ = neural_memory_scan(state, q, k, v, log_retain, log_momentum, lr, config.memory_chunk_size)
+        state = initial_state(list(memory.network.initial_weights), 1)
+        reads, _ = neural_memory_scan(memory.network, state, q, k, v, log_retain, log_momentum, lr, config.memory_chunk_size)
         (reads * projection).sum().backward()
 
     return run
 
 
 def module_runner(memory, length, hidden, device):
-    from modeling_titans.modeling import TokenInfo
+    from modeling_titans.layers.tokens import TokenInfo
 
     x = torch.randn(1, length, hidden, device=device, requires_grad=True)
     positions = torch.arange(length, device=device)[None]
@@ -143,7 +143,7 @@ def main():
     if args.smoke:
         args.lengths, args.repeats = [16, 32], 1
     config = titans_config("lmm", args.smoke)
-    memory = build_model("lmm", args.smoke, args.device).model.layers[0].memory  # initialised M_0 and gate biases
+    memory = build_model("lmm", args.smoke, args.device).model.layers[0].mixer.memory  # initialised M_0 and gate biases
     chunk, d = config.memory_chunk_size, config.memory_head_dim
     dims = [d] + [d * config.memory_expansion] * (config.memory_depth - 1) + [d]
     size = 256 if args.smoke else 1024

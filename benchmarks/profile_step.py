@@ -18,13 +18,15 @@ from functools import partial
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from modeling_titans.configuration.configuration_titans import VARIANTS
+
 from harness import Stopwatch, build_model, new_figure, parse_args, print_table, save_figure, write_results
 
 PACKAGE_DIR = os.path.join("modeling_titans", "")
 
 
 def add_arguments(parser):
-    parser.add_argument("--variants", nargs="+", default=["mag", "mac"], choices=("mac", "mag", "mal", "lmm"))
+    parser.add_argument("--variants", nargs="+", default=["mag", "mac"], choices=VARIANTS)
     parser.add_argument("--train-length", type=int, default=1024)
     parser.add_argument("--decode-context", type=int, default=1024)
     parser.add_argument("--decode-steps", type=int, default=8)
@@ -94,7 +96,7 @@ def profile_phase(args, label, run):
 def main():
     args = parse_args(__doc__.splitlines()[0], add_arguments)
     if args.smoke:
-        args.train_length, args.decode_context, args.decode_steps, args.top = 32, 16, 2, 5
+        args.train_length, args.decode_context, args.decode_steps, args.top = 32, 16, 2, 10
     phases = {}
     for variant in args.variants:
         model = build_model(variant, args.smoke, args.device)

@@ -23,10 +23,11 @@ import statistics
 
 import torch
 
+from modeling_titans.configuration.configuration_titans import VARIANTS
+
 from harness import (
     BACKBONE,
     SMOKE_BACKBONE,
-    VARIANTS,
     Stopwatch,
     build_model,
     count_parameters,

@@ -15,19 +15,21 @@ import statistics
 
 import torch
 
+from modeling_titans.configuration.configuration_titans import VARIANTS
+
 from harness import Stopwatch, new_figure, parse_args, print_table, save_figure, write_results
 
 
 def add_arguments(parser):
-    parser.add_argument("--variants", nargs="+", default=["mag"], choices=("mac", "mag", "mal", "lmm"))
+    parser.add_argument("--variants", nargs="+", default=["mag"], choices=VARIANTS)
     parser.add_argument("--tokens", type=int, default=100_000)
     parser.add_argument("--every", type=int, default=2_000, help="tokens between two measurements")
 
 
 def state_summary(cache) -> dict:
     """Largest weight and momentum norms over layers and heads, and whether every cache tensor is finite."""
-    weight_norm = max(float(w.norm(dim=(-2, -1)).max()) for layer in cache.layers for w in layer.memory.weights)
-    momentum = [s for layer in cache.layers for s in (layer.memory.momentum or ())]
+    weight_norm = max(float(w.norm(dim=(-2, -1)).max()) for layer in cache.layers for w in layer.state.memory.weights)
+    momentum = [s for layer in cache.layers for s in (layer.state.memory.momentum or ())]
     momentum_norm = max((float(s.norm(dim=(-2, -1)).max()) for s in momentum), default=0.0)
     finite = True
 

@@ -1,7 +1,6 @@
 """Titans model configuration.
 
-The Titans fields follow `shared/spec/design.md` (D2-D9); the paper's sizes are in the presets
-(`TitansConfig.from_preset("170m")`, paper.md Sec. 5).
+`docs/design.md` explains every Titans field; the paper's model sizes are presets (`TitansConfig.from_preset("170m")`).
 """
 
 import json
@@ -9,13 +8,16 @@ import os
 
 from transformers import PreTrainedConfig
 
+# The paper's four variants (Sec. 4). Each names a token-mixer class in `layers/token_mixers.py` (`TOKEN_MIXERS`).
 VARIANTS = ("mac", "mag", "mal", "lmm")
 GATE_ACTIVATIONS = ("sigmoid", "silu", "tanh")
 PRESET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")
 
 # Version of the config format written by this code. A checkpoint written by a newer format is refused with a
 # clear message instead of being loaded with fields this code does not know.
-TITANS_FORMAT_VERSION = 1
+# Format 2 put each block's token mixer under `layers.N.mixer.` and M_0 under `memory.network.`; `from_pretrained`
+# renames the weights of a format-1 checkpoint as it loads.
+TITANS_FORMAT_VERSION = 2
 
 
 class TitansConfig(PreTrainedConfig):
@@ -25,6 +27,8 @@ class TitansConfig(PreTrainedConfig):
 
     - `variant`: `"mac"` (memory as context), `"mag"` (memory as gate), `"mal"` (memory as layer) or `"lmm"`
       (the neural memory alone).
+    - `mixer_types`: the token mixer of each layer, one of the variants per layer (default: `variant` in every
+      layer); a hybrid model is a list such as `["mag", "mag", "mac", "mag"]`.
     - `memory_depth` (L_M >= 1; 1 = matrix memory), `memory_expansion` (hidden width of a deep memory, as a
       multiple of the head width), `memory_num_heads` (each head has its own memory MLP over
       `hidden_size / memory_num_heads` channels).
@@ -66,6 +70,7 @@ class TitansConfig(PreTrainedConfig):
     eos_token_id: int | list[int] | None = 2
 
     variant: str = "mag"
+    mixer_types: list[str] | None = None
     memory_depth: int = 2
     memory_expansion: int = 4
     memory_num_heads: int = 16
@@ -87,6 +92,8 @@ class TitansConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        if self.mixer_types is None:
+            self.mixer_types = [self.variant] * self.num_hidden_layers
         super().__post_init__(**kwargs)
         self.validate_titans()
 
@@ -97,10 +104,6 @@ class TitansConfig(PreTrainedConfig):
     @property
     def memory_head_dim(self) -> int:
         return self.hidden_size // self.memory_num_heads
-
-    @property
-    def has_attention(self) -> bool:
-        return self.variant != "lmm"
 
     def validate_titans(self):
         """Raises ValueError naming the first field out of range and what is allowed."""
@@ -115,6 +118,13 @@ class TitansConfig(PreTrainedConfig):
                 f"the Titans code than this one (format {TITANS_FORMAT_VERSION}); upgrade modeling_titans to load it."
             )
         require(self.variant in VARIANTS, "variant", f"must be one of {VARIANTS}")
+        require(
+            isinstance(self.mixer_types, (list, tuple))
+            and len(self.mixer_types) == self.num_hidden_layers
+            and all(kind in VARIANTS for kind in self.mixer_types),
+            "mixer_types",
+            f"must list one of {VARIANTS} for each of the num_hidden_layers={self.num_hidden_layers} layers",
+        )
         positive = (
             "vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads num_key_value_heads "
             "memory_depth memory_expansion memory_num_heads memory_chunk_size segment_size sliding_window "

@@ -25,6 +25,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
 from modeling_titans import TitansConfig, TitansForCausalLM
+from modeling_titans.configuration.configuration_titans import VARIANTS
 from modeling_titans.tokenization import TitansByteTokenizer
 
 SAMPLE_TEXT = Path(__file__).parent / "data" / "tiny_corpus.txt"
@@ -36,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", help="a saved Titans model (directory) to fine-tune")
     source.add_argument("--preset", default="tiny", help="train a fresh model of this preset (default: tiny)")
-    parser.add_argument("--variant", default="mac", choices=["mac", "mag", "mal", "lmm"], help="with --preset")
+    parser.add_argument("--variant", default="mac", choices=VARIANTS, help="with --preset")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/finetune_text"))
     parser.add_argument("--block-size", type=int, default=64, help="tokens per training example")
     parser.add_argument("--eval-fraction", type=float, default=0.1)

@@ -23,6 +23,7 @@ from peft import PeftModel, get_peft_model
 from transformers import Trainer
 
 from modeling_titans.peft_utils import ATTENTION_TARGET_MODULES, MEMORY_TARGET_MODULES, titans_lora_config
+from modeling_titans.configuration.configuration_titans import VARIANTS
 
 TARGET_CHOICES = {"default": None, "memory": MEMORY_TARGET_MODULES, "attention": ATTENTION_TARGET_MODULES}
 
@@ -33,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", help="a saved Titans model (directory) to adapt")
     source.add_argument("--preset", default="tiny", help="adapt a fresh model of this preset (a demo)")
-    parser.add_argument("--variant", default="mac", choices=["mac", "mag", "mal", "lmm"], help="with --preset")
+    parser.add_argument("--variant", default="mac", choices=VARIANTS, help="with --preset")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/lora_finetune"))
     parser.add_argument("--targets", default="default", help="default | memory | attention | all-linear | a,b,c")
     parser.add_argument("--rank", type=int, default=8)

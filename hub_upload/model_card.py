@@ -10,16 +10,9 @@ import json
 from huggingface_hub import ModelCardData
 
 from modeling_titans import TitansConfig
+from modeling_titans.layers.token_mixers import TOKEN_MIXERS, has_attention, mixer_classes
 
 PAPER = "Behrouz, Zhong, Mirrokni: [Titans: Learning to Memorize at Test Time](https://arxiv.org/abs/2501.00663)"
-VARIANT_DESCRIPTIONS = {
-    "mac": "**MAC** (memory as a context): each segment attends to learned persistent tokens, to what the neural "
-    "memory retrieves for it, and to itself; the memory is written with the attention outputs",
-    "mag": "**MAG** (memory as a gate): sliding-window attention and the neural memory read the same input and a "
-    "gate combines them",
-    "mal": "**MAL** (memory as a layer): a neural-memory layer followed by sliding-window attention",
-    "lmm": "**LMM**: the neural long-term memory alone, without attention",
-}
 # Config fields shown in the card's table, in this order; the rest is in config.json.
 BACKBONE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")
 ATTENTION_FIELDS = ("num_attention_heads", "num_key_value_heads", "num_persistent_tokens")
@@ -35,8 +28,18 @@ MEMORY_FIELDS = (
     "tie_word_embeddings",
     "titans_format_version",
 )
-VARIANT_FIELDS = {"mac": ("segment_size",), "mag": ("sliding_window",), "mal": ("sliding_window",), "lmm": ()}
 LONG_LIST = 8  # longer lists in the training summary (e.g. a loss curve) are summarised, not printed
+
+
+def model_description(config: TitansConfig) -> str:
+    """"variant <description>", or the layers' kinds of a hybrid model."""
+    kinds = list(dict.fromkeys(config.mixer_types))
+    if len(kinds) == 1:
+        return f"variant {TOKEN_MIXERS[kinds[0]].description}"
+    return "a hybrid of " + "; ".join(
+        f"{TOKEN_MIXERS[kind].description} in layers {', '.join(str(i) for i, k in enumerate(config.mixer_types) if k == kind)}"
+        for kind in kinds
+    )
 
 
 def usage_snippet(repo_id: str) -> str:
@@ -54,8 +57,11 @@ print(tokenizer.decode(output[0], skip_special_tokens=True))
 
 
 def config_table(config: TitansConfig, num_parameters: int) -> str:
-    fields = BACKBONE_FIELDS + (ATTENTION_FIELDS if config.has_attention else ()) + VARIANT_FIELDS[config.variant]
+    mixer_fields = tuple(dict.fromkeys(field for cls in mixer_classes(config) for field in cls.config_fields))
+    fields = BACKBONE_FIELDS + (ATTENTION_FIELDS if has_attention(config) else ()) + mixer_fields
     rows = [("variant", config.variant), ("parameters", f"{num_parameters:,}"), ("dtype", str(config.dtype))]
+    if len(set(config.mixer_types)) > 1:
+        rows.append(("mixer_types", ", ".join(config.mixer_types)))
     rows += [(field, getattr(config, field)) for field in fields + MEMORY_FIELDS]
     return "\n".join(["| field | value |", "|---|---|"] + [f"| `{field}` | {value} |" for field, value in rows])
 
@@ -109,7 +115,7 @@ def model_card(
         library_name="transformers",
         pipeline_tag="text-generation",
         license=license,
-        tags=["titans", f"titans-{config.variant}", "neural-memory", "long-context"],
+        tags=["titans", *(f"titans-{kind}" for kind in dict.fromkeys(config.mixer_types)), "neural-memory", "long-context"],
     )
     title = repo_id.rsplit("/", 1)[-1]
     return f"""---
@@ -118,7 +124,7 @@ def model_card(
 
 # {title}
 
-A Titans language model, variant {VARIANT_DESCRIPTIONS[config.variant]}.
+A Titans language model, {model_description(config)}.
 
 Titans ({PAPER}) adds a neural long-term memory next to attention: a small MLP whose weights keep learning while
 the model reads, by gradient descent with momentum and weight decay on an associative-memory loss.

@@ -1,92 +1,57 @@
-"""`TitansCache`: the state that lets `generate()` keep writing every new token into the neural memory (D10).
+"""`TitansCache`: the state that lets `generate()` keep writing every new token into the neural memory.
 
-Per decoder layer it holds
-- the memory: current weights M_t, momentum S_t, the chunk-start weights M_{t'} where gradients are taken, and
-  for MAC the weights at the start of the current segment (the state its retrieved tokens read);
-- the tail of the causal convolution (its last `conv_kernel_size - 1` inputs);
-- the attention keys and values still visible: the last `sliding_window - 1` tokens (MAG, MAL) or the current
-  segment's retrieved-memory and input tokens (MAC).
-All of it is bounded, so the cache has the same size after 100 tokens and after 100,000. Per row it also counts
-the real tokens written so far: chunk and segment boundaries count from each row's own first real token, so a
-left-padded batch gives, row by row, what each prompt gives alone.
+Each decoder layer has one slot, a `TitansLayerCache`, whose `state` belongs to that layer's token mixer
+(`layers/token_mixers.py`): the mixer alone reads and replaces it. Depending on the mixer it holds the memory
+(current weights M_t, momentum S_t, the chunk-start weights M_{t'} where gradients are taken, and for MAC the
+weights at the start of the current segment), the tail of the causal convolution, and the attention keys and
+values still visible (the last `sliding_window - 1` tokens, or the current MAC segment). All of it is bounded,
+so the cache has the same size after 100 tokens and after 100,000.
+
+Per row the cache also counts the real tokens written so far: chunk and segment boundaries count from each
+row's own first real token, so a left-padded batch gives, row by row, what each prompt gives alone.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from transformers.cache_utils import Cache
 
-from .neural_memory import MemoryState
 
-
-class AttentionKeys:
-    """Keys and values still visible to later queries, each with its absolute position and validity.
-
-    Rows may sit at different positions; a column that no row still needs is dropped, which keeps the buffer
-    within a window or segment (plus the spread between rows).
-    """
-
-    def __init__(self, keys, values, positions, valid):
-        self.keys = keys  # (batch, kv_heads, length, head_dim), rotary already applied
-        self.values = values  # (batch, kv_heads, length, head_dim)
-        self.positions = positions  # (batch, length) long
-        self.valid = valid  # (batch, length) bool
-
-    @classmethod
-    def empty(cls, batch_size, kv_heads, head_dim, dtype, device):
-        return cls(
-            torch.zeros(batch_size, kv_heads, 0, head_dim, dtype=dtype, device=device),
-            torch.zeros(batch_size, kv_heads, 0, head_dim, dtype=dtype, device=device),
-            torch.zeros(batch_size, 0, dtype=torch.long, device=device),
-            torch.zeros(batch_size, 0, dtype=torch.bool, device=device),
+def map_tensors(value, fn):
+    """`value` with `fn` applied to every tensor inside it (dataclasses, tuples, lists and plain objects whose
+    attributes hold tensors); None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(map_tensors(item, fn) for item in value)
+    if dataclasses.is_dataclass(value):
+        return dataclasses.replace(
+            value, **{field.name: map_tensors(getattr(value, field.name), fn) for field in dataclasses.fields(value)}
         )
-
-    def extend(self, keys, values, positions, valid) -> "AttentionKeys":
-        return AttentionKeys(
-            torch.cat([self.keys, keys], dim=2),
-            torch.cat([self.values, values], dim=2),
-            torch.cat([self.positions, positions], dim=1),
-            torch.cat([self.valid, valid], dim=1),
-        )
-
-    def keep_from(self, first_position: torch.Tensor) -> "AttentionKeys":
-        """Keeps, per row, the entries at positions >= first_position (batch,); drops columns nobody needs."""
-        valid = self.valid & (self.positions >= first_position.unsqueeze(1))
-        needed = valid.any(dim=0).nonzero()
-        start = int(needed[0]) if len(needed) else valid.shape[1]
-        return AttentionKeys(
-            self.keys[:, :, start:], self.values[:, :, start:], self.positions[:, start:], valid[:, start:]
-        )
-
-    def map_rows(self, fn) -> "AttentionKeys":
-        return AttentionKeys(fn(self.keys), fn(self.values), fn(self.positions), fn(self.valid))
+    copy = object.__new__(type(value))
+    copy.__dict__.update({name: map_tensors(item, fn) for name, item in vars(value).items()})
+    return copy
 
 
 class TitansLayerCache:
-    """One decoder layer's state; filled by the layer on its first forward."""
+    """One decoder layer's slot; its token mixer fills `state` on the first forward."""
 
     is_compileable = False
     is_sliding = False
     is_croppable = False
 
     def __init__(self):
-        self.memory: MemoryState | None = None
-        self.segment_start: tuple[torch.Tensor, ...] | None = None  # MAC only
-        self.conv_tail: torch.Tensor | None = None
-        self.attention: AttentionKeys | None = None
+        self.state = None
 
     def map_rows(self, fn):
-        if self.memory is not None:
-            self.memory = self.memory.map(fn)
-        if self.segment_start is not None:
-            self.segment_start = tuple(fn(w) for w in self.segment_start)
-        if self.conv_tail is not None:
-            self.conv_tail = fn(self.conv_tail)
-        if self.attention is not None:
-            self.attention = self.attention.map_rows(fn)
+        self.state = map_tensors(self.state, fn)
 
     def reset(self):
-        self.__init__()
+        self.state = None
 
     def reorder_cache(self, beam_idx):
         self.map_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -114,15 +79,14 @@ class TitansLayerCache:
 
 
 class TitansCache(Cache):
-    """Cache of a `TitansForCausalLM`: each layer's memory, convolution and attention state (see module doc).
+    """Cache of a `TitansForCausalLM`: each layer's mixer state (see the module docstring).
 
     `generate()` makes one by itself; pass one in (`cache=TitansCache(model.config)`) to keep it, then continue
     generating from it. It cannot be cropped or rolled back (assisted decoding is refused for that reason).
     """
 
-    def __init__(self, config=None, num_hidden_layers: int | None = None):
-        num_layers = num_hidden_layers if num_hidden_layers is not None else config.num_hidden_layers
-        super().__init__(layers=[TitansLayerCache() for _ in range(num_layers)])
+    def __init__(self, config):
+        super().__init__(layers=[TitansLayerCache() for _ in range(config.num_hidden_layers)])
         self.seen_tokens: torch.Tensor | None = None  # (batch,) real tokens written per row
         self.num_positions = 0  # input columns consumed, pads included (what generate() slices by)
 
@@ -176,11 +140,11 @@ class TitansCache(Cache):
 
         def count(t):
             nonlocal total
-            if t is not None and id(t) not in seen:
+            if id(t) not in seen:
                 seen.add(id(t))
                 total += t.numel() * t.element_size()
             return t
 
         for layer in self.layers:
-            layer.map_rows(count)
+            map_tensors(layer.state, count)
         return total

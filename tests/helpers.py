@@ -4,8 +4,8 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from modeling_titans import TitansCache, TitansConfig, TitansForCausalLM
+from modeling_titans.configuration.configuration_titans import VARIANTS  # noqa: F401 (shared by the tests)
 
-VARIANTS = ("mac", "mag", "mal", "lmm")
 # Tiny preset: chunk 4, segment 8 (MAC), window 8 (MAG / MAL), vocab 259 with bytes at 3..258.
 CHUNK, SEGMENT, WINDOW = 4, 8, 8
 FIRST_BYTE_ID = 3

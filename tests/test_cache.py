@@ -110,11 +110,11 @@ def test_cache_holds_the_memory_state_of_every_layer():
     config = model.config
     memory_head_dim = config.hidden_size // config.memory_num_heads
     for layer in cache.layers:
-        first, second = layer.memory.weights
+        first, second = layer.state.memory.weights
         assert first.shape == (2, config.memory_num_heads, memory_head_dim, memory_head_dim * config.memory_expansion)
         assert second.shape == (2, config.memory_num_heads, memory_head_dim * config.memory_expansion, memory_head_dim)
-        assert layer.conv_tail.shape == (2, config.conv_kernel_size - 1, 3 * config.hidden_size)
-        assert layer.attention.keys.shape[2] == WINDOW - 1
+        assert layer.state.memory.conv_tail.shape == (2, config.conv_kernel_size - 1, 3 * config.hidden_size)
+        assert layer.state.attention.keys.shape[2] == WINDOW - 1
     assert cache.seen_tokens.tolist() == [10, 10]
 
 

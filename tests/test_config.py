@@ -4,6 +4,7 @@ import pytest
 from transformers import AutoConfig
 
 from modeling_titans import TitansConfig
+from modeling_titans.configuration.configuration_titans import VARIANTS
 
 
 @pytest.mark.parametrize(
@@ -86,7 +87,7 @@ def test_unknown_preset_lists_the_available_ones():
     assert "'gigantic'" in message and "tiny" in message and "170m" in message
 
 
-@pytest.mark.parametrize("variant", ["mac", "mag", "mal", "lmm"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_save_and_load_round_trip(tmp_path, variant):
     config = TitansConfig.from_preset(
         "tiny", variant=variant, use_momentum=False, conv_kernel_size=3, gate_activation="tanh", memory_lr_max=0.5

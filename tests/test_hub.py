@@ -17,7 +17,6 @@ import textwrap
 import pytest
 import torch
 from huggingface_hub import ModelCard
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -209,8 +208,9 @@ def no_package_results(hub_root, tmp_path_factory):
 def test_exported_folder_holds_a_complete_repository(hub_root):
     folder = exported(hub_root, "mag")
     files = set(os.listdir(folder))
-    code = {"configuration_titans.py", "modeling_titans.py", "neural_memory.py", "cache_titans.py"}
-    code.add("tokenization_titans.py")
+    code = {"configuration_titans.py", "modeling_titans.py", "cache_titans.py", "tokenization_titans.py"}
+    code |= {"token_mixers.py", "attention.py", "memory_layer.py", "basics.py", "tokens.py"}  # layers/
+    code |= {"memory_network.py", "neural_memory.py"}  # ops/
     data = {"README.md", "config.json", "generation_config.json", "model.safetensors", "tokenizer_config.json"}
     data.add("training_summary.json")
     assert files == code | data
@@ -240,14 +240,26 @@ def test_remote_code_is_the_package_source_with_flat_imports(hub_root):
     """Each flat file is its package module, line for line, but for a two-line header and rewritten imports."""
     import modeling_titans.cache_titans
     import modeling_titans.configuration.configuration_titans
+    import modeling_titans.layers.attention
+    import modeling_titans.layers.basics
+    import modeling_titans.layers.memory_layer
+    import modeling_titans.layers.token_mixers
+    import modeling_titans.layers.tokens
     import modeling_titans.modeling
-    import modeling_titans.neural_memory
+    import modeling_titans.ops.memory_network
+    import modeling_titans.ops.neural_memory
     import modeling_titans.tokenization.tokenization_titans
 
     sources = {
         "configuration_titans.py": modeling_titans.configuration.configuration_titans,
         "modeling_titans.py": modeling_titans.modeling,
-        "neural_memory.py": modeling_titans.neural_memory,
+        "token_mixers.py": modeling_titans.layers.token_mixers,
+        "attention.py": modeling_titans.layers.attention,
+        "memory_layer.py": modeling_titans.layers.memory_layer,
+        "basics.py": modeling_titans.layers.basics,
+        "tokens.py": modeling_titans.layers.tokens,
+        "memory_network.py": modeling_titans.ops.memory_network,
+        "neural_memory.py": modeling_titans.ops.neural_memory,
         "cache_titans.py": modeling_titans.cache_titans,
         "tokenization_titans.py": modeling_titans.tokenization.tokenization_titans,
     }
@@ -272,7 +284,7 @@ def test_remote_code_is_the_package_source_with_flat_imports(hub_root):
     "source, message",
     [
         ("from . import neural_memory\n", "`from . import ...` cannot be flattened"),
-        ("import modeling_titans.neural_memory\n", "`import modeling_titans.neural_memory` cannot be flattened"),
+        ("import modeling_titans.ops.neural_memory\n", "`import modeling_titans.ops.neural_memory` cannot be flattened"),
     ],
 )
 def test_remote_code_refuses_imports_it_cannot_flatten(source, message):

@@ -21,7 +21,7 @@ from helpers import (
     tiny_model,
 )
 from modeling_titans import TitansCache, TitansConfig, TitansForCausalLM, TitansModel
-from modeling_titans.modeling import TokenInfo
+from modeling_titans.layers.tokens import TokenInfo
 
 
 # Long enough for several chunks (4), segments (8) and windows (8).
@@ -73,7 +73,7 @@ def test_ablation_switch_builds_a_working_model_that_computes_something_else(var
     default = tiny_model(variant)
     with torch.no_grad():  # the convolution starts as the identity; give it trained-looking taps
         for layer in default.model.layers:
-            layer.memory.conv.weight.normal_(0.0, 0.5)
+            layer.mixer.memory.conv.weight.normal_(0.0, 0.5)
     ablated = tiny_model(variant, **ablation)
     # Same weights wherever the two share a parameter, so any difference comes from the switch itself.
     assert transplant(default, ablated) >= 20
@@ -210,7 +210,7 @@ def memory_module(memory_depth: int, chunk_size: int) -> torch.nn.Module:
         initializer_range=0.3,
     )
     torch.manual_seed(0)
-    return TitansForCausalLM(config).model.layers[0].memory.double()
+    return TitansForCausalLM(config).model.layers[0].mixer.memory.double()
 
 
 MEMORY_PARAMETERS = [
@@ -238,7 +238,7 @@ def memory_as_function(memory_depth: int, chunk_size: int, seq_len: int = 6):
         seen=torch.zeros(1, dtype=torch.long),
         all_valid=True,
     )
-    names = MEMORY_PARAMETERS + [f"initial_weights.{i}" for i in range(memory_depth)]
+    names = MEMORY_PARAMETERS + [f"network.initial_weights.{i}" for i in range(memory_depth)]
     parameters = dict(memory.named_parameters())
     torch.manual_seed(1)
     x = torch.randn(1, seq_len, memory.config.hidden_size, dtype=torch.float64, requires_grad=True)
@@ -469,6 +469,6 @@ def test_memory_stays_bounded_at_the_default_gates(memory_depth):
     with torch.no_grad():
         model(input_ids, cache=cache)
     for layer in cache.layers:
-        for weights in layer.memory.weights:
+        for weights in layer.state.memory.weights:
             assert torch.isfinite(weights).all()
             assert weights.norm(dim=(-2, -1)).max() < 50

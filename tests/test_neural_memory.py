@@ -1,26 +1,27 @@
-"""Correctness of the neural-memory op (`modeling_titans/neural_memory.py`) against the paper.
+"""Correctness of the neural-memory op (`modeling_titans/ops/`) against the paper.
 
-Paper: Titans, arXiv 2501.00663 (v1 equation numbers). The reference below is written straight from the paper, one
-token at a time, with autograd for the inner gradient, and shares no code with the op under test:
+Paper: Titans, arXiv 2501.00663 (v1 equation numbers). The reference, `ops/naive.py`, is written straight from
+the paper, one token at a time, with autograd for the inner gradient; it shares only the memory network's forward
+and loss with the op under test, and that forward is checked here against an independent formula (`ref_read`):
 
-    loss        l(M; k, v) = 1/2 ||M(k) - v||^2                           (Eq. 12, D4)
+    loss        l(M; k, v) = 1/2 ||M(k) - v||^2                           (Eq. 12)
     surprise    S_t = eta_t S_{t-1} - theta_t grad l(M_{t'}; k_t, v_t)    (Eq. 14)
     forgetting  M_t = (1 - alpha_t) M_{t-1} + S_t                         (Eq. 13)
-    read        y_t = M_t*(q_t), after the write of token t               (Eq. 15, D5)
+    read        y_t = M_t*(q_t), after the write of token t               (Eq. 15)
 
 with t' = t - t mod chunk_size (Sec. 3.2: every gradient of a chunk is taken at the chunk-start weights).
-Memory (D2): depth 1 is M(x) = x W; depth L >= 2 is M(x) = x + LN(W_L gelu(... gelu(x W_1))), LN without affine.
+Memory network: depth 1 is M(x) = x W; depth L >= 2 is M(x) = x + LN(W_L gelu(... gelu(x W_1))), LN without affine.
 """
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from modeling_titans.neural_memory import (
+from modeling_titans.ops.memory_network import MemoryMLP
+from modeling_titans.ops.naive import naive_neural_memory, naive_token_gradient
+from modeling_titans.ops.neural_memory import (
     MemoryState,
     initial_state,
-    memory_gradient_factors,
-    memory_read,
     neural_memory_scan,
     neural_memory_step,
 )
@@ -29,13 +30,8 @@ BATCH, HEADS, D_HEAD, EXPANSION = 2, 3, 6, 2
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Reference, straight from the paper
-# ----------------------------------------------------------------------------------------------------------------
-
-
 def ref_read(weights, x):
-    """M*(x) (Eq. 15) with the D2 memory: x W for depth 1, x + LN(W_L gelu(... gelu(x W_1))) for depth >= 2."""
+    """M*(x) (Eq. 15) from the formula: x W for depth 1, x + LN(W_L gelu(... gelu(x W_1))) for depth >= 2."""
     h = x
     for layer, w in enumerate(weights):
         h = h @ w
@@ -44,31 +40,15 @@ def ref_read(weights, x):
     return h if len(weights) == 1 else x + F.layer_norm(h, h.shape[-1:], eps=1e-5)
 
 
-def ref_token_gradient(weights, key, value):
-    """grad_M l(M; k, v), l = 1/2 ||M(k) - v||^2 (Eq. 12), by autograd. Rows and heads are independent, so the
-    gradient of the loss summed over them is every (row, head)'s own gradient."""
-    point = [w.detach().requires_grad_() for w in weights]
-    loss = 0.5 * (ref_read(point, key) - value).pow(2).sum()
-    return torch.autograd.grad(loss, point)
+def network_for(weights, expansion=EXPANSION) -> MemoryMLP:
+    """The memory network of the depth and widths of `weights` (per layer (..., heads, d_in, d_out))."""
+    heads, d = weights[0].shape[-3], weights[0].shape[-2]
+    return MemoryMLP(heads, d, len(weights), expansion)
 
 
 def ref_memory(m0, q, k, v, alpha, eta, theta, chunk_size):
-    """Eqs. 12-15 token by token, gradients at M_{t'} (Sec. 3.2). m0: per layer (batch, heads, d_in, d_out);
-    q, k, v: (batch, heads, T, d); alpha, eta, theta: (batch, heads, T).
-    Returns reads, final weights M_T, snapshot (weights at the start of the current chunk) and momentum S_T."""
-    weights, momentum, reads = list(m0), [torch.zeros_like(w) for w in m0], []
-    for t in range(q.shape[-2]):
-        if t % chunk_size == 0:
-            snapshot = weights  # M_{t'}
-        at = slice(t, t + 1)  # keep a token axis of one: (batch, heads, 1, d)
-        grads = ref_token_gradient(snapshot, k[..., at, :], v[..., at, :])
-        a, e, th = (gate[..., t, None, None] for gate in (alpha, eta, theta))
-        momentum = [e * s - th * g for s, g in zip(momentum, grads)]  # Eq. 14
-        weights = [(1 - a) * w + s for w, s in zip(weights, momentum)]  # Eq. 13
-        reads.append(ref_read(weights, q[..., at, :]))  # Eq. 15, after the write
-    if q.shape[-2] % chunk_size == 0:  # the chunk just closed: the next one starts here
-        snapshot = weights
-    return torch.cat(reads, -2), weights, snapshot, momentum
+    """The naive per-token recurrence of `ops/naive.py` (reads, M_T, M_{t'}, S_T)."""
+    return naive_neural_memory(network_for(m0), m0, q, k, v, alpha, eta, theta, chunk_size)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -120,7 +100,14 @@ def op_gates(alpha, eta, theta):
 def run_scan(m0, p, alpha, eta, theta, chunk_size, write_mask=None):
     state = initial_state(m0, p["q"].shape[0], use_momentum=eta is not None)
     return neural_memory_scan(
-        state, p["q"], p["k"], p["v"], *op_gates(alpha, eta, theta), chunk_size=chunk_size, write_mask=write_mask
+        network_for(m0),
+        state,
+        p["q"],
+        p["k"],
+        p["v"],
+        *op_gates(alpha, eta, theta),
+        chunk_size=chunk_size,
+        write_mask=write_mask,
     )
 
 
@@ -245,13 +232,14 @@ def test_no_momentum_no_forgetting():
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def step_through(state, p, log_retain, log_momentum, lr, chunk_size, start, stop):
+def step_through(network, state, p, log_retain, log_momentum, lr, chunk_size, start, stop):
     """`neural_memory_step` on tokens start..stop-1; position t closes its chunk when (t + 1) % chunk_size == 0."""
     reads = []
     for t in range(start, stop):
         at = slice(t, t + 1)
         closes = torch.full((p["q"].shape[0],), (t + 1) % chunk_size == 0)
         read, state = neural_memory_step(
+            network,
             state,
             p["q"][..., at, :],
             p["k"][..., at, :],
@@ -285,7 +273,9 @@ def test_step_matches_scan(chunk_size, depth, use_momentum):
     eta = eta if use_momentum else None
     scan_reads, scan_state = run_scan(m0, p, alpha, eta, theta, chunk_size)
     state = initial_state(m0, BATCH, use_momentum=use_momentum)
-    step_reads, step_state = step_through(state, p, *op_gates(alpha, eta, theta), chunk_size, 0, length)
+    step_reads, step_state = step_through(
+        network_for(m0), state, p, *op_gates(alpha, eta, theta), chunk_size, 0, length
+    )
     assert_close(step_reads, scan_reads, 1e-10)
     assert_same_state(step_state, scan_state, 1e-10)
 
@@ -300,6 +290,7 @@ def test_prefill_then_step_matches_scan(depth, chunk_size, prefix):
     full_reads, full_state = run_scan(m0, p, *gates(p), chunk_size)
     head = {name: x[..., :prefix, :] if x.dim() == 4 else x[..., :prefix] for name, x in p.items()}
     pre_reads, state = neural_memory_scan(
+        network_for(m0),
         initial_state(m0, BATCH),
         head["q"],
         head["k"],
@@ -309,7 +300,7 @@ def test_prefill_then_step_matches_scan(depth, chunk_size, prefix):
         lr[..., :prefix],
         chunk_size=chunk_size,
     )
-    rest_reads, state = step_through(state, p, log_retain, log_momentum, lr, chunk_size, prefix, length)
+    rest_reads, state = step_through(network_for(m0), state, p, log_retain, log_momentum, lr, chunk_size, prefix, length)
     assert_close(torch.cat([pre_reads, rest_reads], -2), full_reads, 1e-10)
     assert_same_state(state, full_state, 1e-10)
 
@@ -322,6 +313,7 @@ def test_scan_continues_from_chunk_boundary():
     state, reads = initial_state(m0, BATCH), []
     for part in (slice(0, 8), slice(8, 15)):
         r, state = neural_memory_scan(
+            network_for(m0),
             state,
             p["q"][..., part, :],
             p["k"][..., part, :],
@@ -341,7 +333,7 @@ def test_step_closes_chunk_per_row():
     m0, p = make_problem(2, 1, seed=14)
     state = initial_state(m0, BATCH)
     _, new = neural_memory_step(
-        state, p["q"], p["k"], p["v"], *op_gates(*gates(p)), closes_chunk=torch.tensor([True, False])
+        network_for(m0), state, p["q"], p["k"], p["v"], *op_gates(*gates(p)), closes_chunk=torch.tensor([True, False])
     )
     for w, snap, old in zip(new.weights, new.snapshot, state.snapshot):
         assert torch.equal(snap[0], w[0])
@@ -420,7 +412,7 @@ def test_gradcheck_scan(depth, chunk_size, padded, use_momentum):
         log_retain = F.logsigmoid(-alpha_logit)  # log(1 - sigmoid(alpha_logit))
         log_momentum = F.logsigmoid(eta_logit) if use_momentum else None
         reads, out = neural_memory_scan(
-            state, q, k, v, log_retain, log_momentum, torch.sigmoid(theta_logit), chunk_size, write_mask
+            network_for(weights), state, q, k, v, log_retain, log_momentum, torch.sigmoid(theta_logit), chunk_size, write_mask
         )
         return (reads, *out.weights, *out.snapshot, *(out.momentum or ()))
 
@@ -439,7 +431,9 @@ def test_gradcheck_step():
         w, snap, s = tensors[0::3], tensors[1::3], tensors[2::3]
         state = MemoryState(weights=w, snapshot=snap, momentum=s)
         gate = (F.logsigmoid(-alpha_logit), F.logsigmoid(eta_logit), torch.sigmoid(theta_logit))
-        reads, out = neural_memory_step(state, q, k, v, *gate, closes_chunk=torch.tensor([True, False]))
+        reads, out = neural_memory_step(
+            network_for(m0), state, q, k, v, *gate, closes_chunk=torch.tensor([True, False])
+        )
         return (reads, *out.weights, *out.snapshot, *out.momentum)
 
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
@@ -451,26 +445,28 @@ def test_gradcheck_step():
 
 
 @pytest.mark.parametrize("depth", [1, 2, 3])
-def test_memory_read_is_the_d2_network(depth):
-    """memory_read is M*(x) of Eq. 15 / D2."""
+def test_memory_read_is_the_paper_network(depth):
+    """MemoryMLP.read is M*(x) of Eq. 15 (the formula of the module docstring)."""
     m0, p = make_problem(depth, 7, seed=20)
     g = torch.Generator().manual_seed(20)
     weights = [torch.randn(BATCH, *w.shape, generator=g, dtype=torch.float64) for w in m0]
-    assert_close(memory_read(weights, p["q"]), ref_read(weights, p["q"]), 1e-12)
+    assert_close(network_for(m0).read(weights, p["q"]), ref_read(weights, p["q"]), 1e-12)
 
 
 @pytest.mark.parametrize("depth", [1, 2, 3])
 def test_gradient_factors_are_per_token_gradients(depth):
-    """memory_gradient_factors: inputs[l][i]^T errors[l][i] is token i's gradient of Eq. 12 w.r.t. layer l."""
+    """MemoryMLP.gradient_factors: inputs[l][i]^T errors[l][i] is token i's gradient of Eq. 12 (by autograd)
+    w.r.t. layer l."""
     length = 7
     m0, p = make_problem(depth, length, seed=21)
     g = torch.Generator().manual_seed(21)
     weights = [w.unsqueeze(0) + 0.3 * torch.randn(BATCH, *w.shape, generator=g, dtype=torch.float64) for w in m0]
     keys = torch.randn(BATCH, HEADS, length, D_HEAD, generator=g, dtype=torch.float64)  # not normalised
-    inputs, errors = memory_gradient_factors(weights, keys, p["v"])
+    network = network_for(m0)
+    inputs, errors = network.gradient_factors(weights, keys, p["v"])
     assert len(inputs) == len(errors) == depth
     for t in range(length):
-        expected = ref_token_gradient(weights, keys[..., t : t + 1, :], p["v"][..., t : t + 1, :])
+        expected = naive_token_gradient(network, weights, keys[..., t : t + 1, :], p["v"][..., t : t + 1, :])
         got = [a[..., t, :, None] * g[..., t, None, :] for a, g in zip(inputs, errors)]
         assert_all_close(got, expected, 1e-12)
 
@@ -483,9 +479,11 @@ def test_low_precision_inputs_run_in_fp32():
     up = {name: x.float() for name, x in low.items()}
     gate_inputs = op_gates(*gates(p))
     reads, state = neural_memory_scan(
+        network_for(m0),
         initial_state([w.to(torch.bfloat16) for w in m0], BATCH), *low.values(), *gate_inputs, chunk_size=4
     )
     ref_reads, ref_state = neural_memory_scan(
+        network_for(m0),
         initial_state([w.to(torch.bfloat16).float() for w in m0], BATCH), *up.values(), *gate_inputs, chunk_size=4
     )
     assert all(w.dtype == torch.float32 for w in (*state.weights, *state.snapshot, *state.momentum))

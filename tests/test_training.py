@@ -16,9 +16,8 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from modeling_titans import TitansCache, TitansConfig, TitansForCausalLM
-from modeling_titans.modeling import TitansNeuralMemory
+from modeling_titans.configuration.configuration_titans import VARIANTS
 
-VARIANTS = ["mac", "mag", "mal", "lmm"]
 TEXT = b"Titans learn to memorize at test time. " * 40
 
 
@@ -198,7 +197,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(variant):
     batch = {key: torch.stack([example[key] for example in batch]) for key in batch[0]}
     model = tiny_model(variant).train()
     memory_calls = []
-    model.model.layers[0].memory.register_forward_hook(lambda *_: memory_calls.append(1))
+    model.model.layers[0].mixer.memory.register_forward_hook(lambda *_: memory_calls.append(1))
     plain_loss, plain_grads = loss_and_gradients(model, batch)
     plain_calls = len(memory_calls)
 
@@ -239,8 +238,8 @@ def test_half_precision_weights_keep_memory_state_in_fp32(dtype):
     assert logits.dtype == dtype
     torch.testing.assert_close(logits.float(), reference, atol=0.1, rtol=0.05)  # close to fp32: no overflow or NaN
     for layer in cache.layers:
-        state = layer.memory
-        for tensor in state.weights + state.snapshot + state.momentum + layer.segment_start:
+        memory = layer.state.memory
+        for tensor in memory.weights + memory.snapshot + memory.momentum + layer.state.segment_start:
             assert tensor.dtype == torch.float32
 
 
@@ -259,4 +258,4 @@ def test_bf16_training_step_and_generation():
 
     out = model.eval().generate(batch[:, :4], max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
     assert out.sequences.shape == (1, 7)
-    assert all(w.dtype == torch.float32 for layer in out.cache.layers for w in layer.memory.weights)
+    assert all(w.dtype == torch.float32 for layer in out.cache.layers for w in layer.state.memory.weights)

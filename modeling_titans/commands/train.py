@@ -196,7 +196,7 @@ def model_config(args, checkpoint: str | None, tokenizer):
 
     if checkpoint is not None:
         return TitansConfig.from_pretrained(checkpoint)
-    variant = {"variant": args.variant} if args.variant else {}
+    variant = {"variant": args.variant, "mixer_types": None} if args.variant else {}
     try:
         if args.config:
             if not os.path.isfile(args.config):

@@ -1,44 +1,37 @@
-"""The neural long-term memory of Titans as a pure PyTorch op (no Hugging Face imports).
+"""The neural long-term memory of Titans as a pure PyTorch op: the chunked scan (training, prefill) and the
+decoding step, for any `MemoryMLP`.
 
 Paper: Behrouz, Zhong, Mirrokni, "Titans: Learning to Memorize at Test Time", arXiv 2501.00663 (v1 equation
-numbers below). Project decisions D2-D5 and D11 are in `shared/spec/design.md`.
+numbers); `docs/design.md` explains the choices. Every token writes into the memory and then reads it:
 
-The memory of one head is a small MLP whose weights are trained while the model reads:
-
-    loss        l(M; k, v) = 1/2 ||M(k) - v||^2                           (Eq. 12, D4)
     surprise    S_t = eta_t S_{t-1} - theta_t grad l(M_{t'}; k_t, v_t)    (Eq. 14)
     forgetting  M_t = (1 - alpha_t) M_{t-1} + S_t                         (Eq. 13)
-    read        y_t = M_t*(q_t)                                           (Eq. 15, D5: after the write of x_t)
+    read        y_t = M_t*(q_t), after the write of x_t                   (Eq. 15)
 
-Gradients are taken at M_{t'}, the weights at the start of the chunk that holds t (Sec. 3.2, chunks of
-`chunk_size` tokens). Inside a chunk the recurrence is linear, so with per-head scalar gates a whole chunk has a
-closed form (paper.md Sec. 2.6, derived from Eqs. 16-18). Index the chunk's tokens 1..c, let
-beta_t = prod_{j<=t} (1 - alpha_j) and E_t = prod_{j<=t} eta_j, and u_i the gradient of token i at M_{t'}:
+with the loss l of Eq. 12 (`MemoryMLP.inner_loss`). Gradients are taken at M_{t'}, the weights at the start of
+the chunk that holds t (Sec. 3.2, chunks of `chunk_size` tokens). Inside a chunk the recurrence is linear, so
+with per-head scalar gates a chunk has a closed form (Eqs. 16-18 with momentum added). Index the chunk's tokens
+1..c, let beta_t = prod_{j<=t} (1 - alpha_j), E_t = prod_{j<=t} eta_j and u_i the gradient of token i at M_{t'}:
 
     S_t = E_t S_0 - sum_{i<=t} theta_i (E_t / E_i) u_i
     M_t = beta_t M_0 + A_t S_0 - sum_{i<=t} C_{t,i} u_i
     A_t = sum_{s<=t} (beta_t / beta_s) E_s,   C_{t,i} = theta_i sum_{s=i..t} (beta_t / beta_s)(E_s / E_i)
 
-Every per-token gradient of an MLP layer is an outer product u_i = a_i^T g_i (layer input times back-propagated
-error), so each token's read M_t(q_t) needs only matmuls against the chunk's a and g (the TTT "dual form"): no
-per-token copy of the weights is ever built. The outer loss back-propagates through all of it.
+Every per-token gradient is an outer product per weight matrix (`MemoryMLP.gradient_factors`), so the reads need
+no per-token copy of the weights (`MemoryMLP.chunk_read`) and the end-of-chunk state is one batched matmul per
+weight matrix. The outer loss back-propagates through all of it.
 
-Conventions: weights are stored per layer as (batch, heads, d_in, d_out) and act on row vectors (x @ W);
-sequences are (batch, heads, tokens, d_head); gates are (batch, heads, tokens). All state math runs in fp32
-(fp64 when the inputs are fp64, for gradcheck), whatever the model dtype (D11).
+Conventions: sequences are (batch, heads, tokens, d_head); gates are (batch, heads, tokens). All state math runs
+in fp32 (fp64 when the inputs are fp64, for gradcheck), whatever the model dtype.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-Weights = tuple[torch.Tensor, ...]
-
-LAYER_NORM_EPS = 1e-5
+from .memory_network import MemoryMLP, Weights
 
 
 @dataclass
@@ -59,7 +52,7 @@ class MemoryState:
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 for the memory math (D11), fp64 only when asked for (gradcheck)."""
+    """fp32 for the memory math, fp64 only when asked for (gradcheck)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -68,7 +61,7 @@ def _to_dtype(dtype, *tensors):
 
 
 def initial_state(initial_weights, batch_size: int, use_momentum: bool = True) -> MemoryState:
-    """M_0 (learned, one per head, shared by the batch; D2) expanded to `batch_size` rows, with S_0 = 0."""
+    """M_0 (learned, one per head, shared by the batch) expanded to `batch_size` rows, with S_0 = 0."""
     weights = tuple(
         w.to(compute_dtype(w.dtype)).unsqueeze(0).expand(batch_size, *w.shape) for w in initial_weights
     )
@@ -82,63 +75,6 @@ def select_rows(condition: torch.Tensor, if_true: Weights, if_false: Weights) ->
         return if_false  # costs several elementwise ops on the weights, far more than reading `condition`
     mask = condition.view(-1, 1, 1, 1)
     return tuple(torch.where(mask, a, b) for a, b in zip(if_true, if_false))
-
-
-def layer_norm(z: torch.Tensor) -> torch.Tensor:
-    """LayerNorm over the last dim without affine parameters (D2: no inner-loop LN parameters)."""
-    mean = z.mean(-1, keepdim=True)
-    var = (z - mean).pow(2).mean(-1, keepdim=True)
-    return (z - mean) * torch.rsqrt(var + LAYER_NORM_EPS)
-
-
-def _gelu_derivative(z: torch.Tensor) -> torch.Tensor:
-    cdf = 0.5 * (1.0 + torch.erf(z * (1.0 / math.sqrt(2.0))))
-    pdf = torch.exp(-0.5 * z * z) * (1.0 / math.sqrt(2.0 * math.pi))
-    return cdf + z * pdf
-
-
-def memory_read(weights: Weights, x: torch.Tensor) -> torch.Tensor:
-    """M*(x): a forward pass without weight update (Eq. 15).
-
-    Depth 1 is a matrix memory, M(x) = x W. Depth L >= 2 is M(x) = x + LN(W_L gelu(... gelu(x W_1))) (D2,
-    NeurIPS Sec. 3.3: residual and LayerNorm, GELU, expansion in the hidden layers).
-    """
-    h = x
-    for layer, w in enumerate(weights):
-        h = h @ w
-        if layer < len(weights) - 1:
-            h = F.gelu(h)
-    return h if len(weights) == 1 else x + layer_norm(h)
-
-
-def memory_gradient_factors(weights: Weights, keys: torch.Tensor, values: torch.Tensor):
-    """Per-token gradients of l(M; k, v) = 1/2 ||M(k) - v||^2 with respect to every weight matrix (Eq. 12).
-
-    Returns (inputs, errors): for layer l, the gradient of token i is inputs[l][..., i, :]^T errors[l][..., i, :],
-    an outer product. Computed in closed form (D4) with ordinary differentiable ops, so the outer loss
-    back-propagates through the inner gradient (second-order terms included).
-    """
-    inputs, pre_activations = [], []
-    h = keys
-    for layer, w in enumerate(weights):
-        inputs.append(h)
-        z = h @ w
-        pre_activations.append(z)
-        h = F.gelu(z) if layer < len(weights) - 1 else z
-    if len(weights) == 1:
-        error = h - values
-    else:  # back through the residual and the LayerNorm
-        normed = layer_norm(h)
-        out_error = keys + normed - values
-        inv_std = torch.rsqrt(h.var(-1, unbiased=False, keepdim=True) + LAYER_NORM_EPS)
-        error = inv_std * (
-            out_error - out_error.mean(-1, keepdim=True) - normed * (out_error * normed).mean(-1, keepdim=True)
-        )
-    errors = [error]
-    for layer in range(len(weights) - 1, 0, -1):
-        error = (error @ weights[layer].transpose(-1, -2)) * _gelu_derivative(pre_activations[layer - 1])
-        errors.append(error)
-    return inputs, errors[::-1]
 
 
 def _pairwise_decay(log_cumulative: torch.Tensor) -> torch.Tensor:
@@ -196,6 +132,7 @@ def chunk_coefficients(log_retain, log_momentum, lr, write_mask=None) -> ChunkCo
 
 
 def chunk_update(
+    network: MemoryMLP,
     grad_point: Weights,
     weights: Weights,
     momentum: Weights | None,
@@ -207,6 +144,7 @@ def chunk_update(
     """Writes one chunk of tokens and reads every token's query after its own write.
 
     Args:
+        network: the memory network (its shape and inner loss).
         grad_point: M_{t'}, where every token's gradient is taken (the chunk-start weights).
         weights, momentum: M and S before the first token of the chunk (momentum None: eta = 0).
         queries, keys, values: (batch, heads, c, d_head).
@@ -215,28 +153,18 @@ def chunk_update(
     Returns:
         reads (batch, heads, c, d_head) = M_t*(q_t) per token, and M, S after the last token.
     """
-    inputs, errors = memory_gradient_factors(grad_point, keys, values)
-    beta, coeff, carry = coefficients.beta, coefficients.coeff, coefficients.carry
-
-    # Reads: layer by layer, M_t applied to the read path's activation h_t (dual form).
-    h = queries
-    for layer, (w, a, g) in enumerate(zip(weights, inputs, errors)):
-        z = beta * (h @ w) - (coeff * (h @ a.transpose(-1, -2))) @ g
-        if carry is not None:
-            z = z + carry * (h @ momentum[layer])
-        h = F.gelu(z) if layer < len(weights) - 1 else z
-    reads = h if len(weights) == 1 else queries + layer_norm(h)
-
-    # State after the chunk's last token.
-    last_coeff = coeff[..., -1, :].unsqueeze(-1)  # C_{c,i}
+    inputs, errors = network.gradient_factors(grad_point, keys, values)
+    reads = network.chunk_read(weights, momentum, inputs, errors, queries, coefficients)
+    beta_end = coefficients.beta[..., -1:, :]
+    last_coeff = coefficients.coeff[..., -1, :].unsqueeze(-1)  # C_{c,i}
     if momentum is None:
         new_weights = tuple(
-            _subtract_outer_sum(beta[..., -1:, :] * w, a, last_coeff * g)
-            for w, a, g in zip(weights, inputs, errors)
+            _subtract_outer_sum(beta_end * w, a, last_coeff * g) for w, a, g in zip(weights, inputs, errors)
         )
         return reads, new_weights, None
+    carry_end = coefficients.carry[..., -1:, :]
     new_weights = tuple(
-        _subtract_outer_sum(beta[..., -1:, :] * w + carry[..., -1:, :] * s, a, last_coeff * g)
+        _subtract_outer_sum(beta_end * w + carry_end * s, a, last_coeff * g)
         for w, s, a, g in zip(weights, momentum, inputs, errors)
     )
     new_momentum = tuple(
@@ -256,6 +184,7 @@ def mask_gates(log_retain, log_momentum, lr, write_mask):
 
 
 def neural_memory_scan(
+    network: MemoryMLP,
     state: MemoryState,
     queries: torch.Tensor,
     keys: torch.Tensor,
@@ -288,7 +217,7 @@ def neural_memory_scan(
     reads, end = [], 0
     for chunk_queries, chunk_keys, chunk_values, chunk_coeffs in chunks:
         chunk_reads, weights, momentum = chunk_update(
-            snapshot, weights, momentum, chunk_queries, chunk_keys, chunk_values, chunk_coeffs
+            network, snapshot, weights, momentum, chunk_queries, chunk_keys, chunk_values, chunk_coeffs
         )
         reads.append(chunk_reads)
         end += chunk_reads.shape[-2]
@@ -314,6 +243,7 @@ def _all_chunk_coefficients(log_retain, log_momentum, lr, mask, chunk_size) -> l
 
 
 def neural_memory_step(
+    network: MemoryMLP,
     state: MemoryState,
     queries: torch.Tensor,
     keys: torch.Tensor,
@@ -339,7 +269,7 @@ def neural_memory_step(
     queries, keys, values, log_retain, log_momentum, lr = _to_dtype(
         compute_dtype(queries.dtype), queries, keys, values, log_retain, log_momentum, lr
     )
-    inputs, errors = memory_gradient_factors(state.snapshot, keys, values)  # u_t = a^T g, per layer
+    inputs, errors = network.gradient_factors(state.snapshot, keys, values)  # u_t = a^T g, per layer
     retain = log_retain.exp()[..., None]  # (batch, heads, 1, 1): 1 - alpha_t
     lr = lr[..., None]  # theta_t
     if state.momentum is None:  # eta = 0: S_t = -theta_t u_t
@@ -353,7 +283,7 @@ def neural_memory_step(
             _subtract_outer_sum(eta * s, a, lr * g) for s, a, g in zip(state.momentum, inputs, errors)
         )
         weights = tuple(torch.addcmul(s, retain, w) for w, s in zip(state.weights, momentum))
-    reads = memory_read(weights, queries)
+    reads = network.read(weights, queries)
     if write_mask is not None:
         weights = select_rows(write_mask, weights, state.weights)
         momentum = None if momentum is None else select_rows(write_mask, momentum, state.momentum)

@@ -1,0 +1,208 @@
+"""Softmax attention of the Titans blocks: the precise short-term memory next to the neural memory.
+
+Two reaches, one class each: `SlidingWindowAttention` (MAG, MAL: each query sees the last `sliding_window`
+tokens of its row, itself included) and `SegmentAttention` (MAC: each query sees its own segment up to itself).
+Both put a learned persistent-memory prefix in front of the keys (Eq. 19), visible to every query, and keep in
+`AttentionKeys` only the keys that later queries can still see, so their cache is bounded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .basics import apply_rotary
+from .tokens import TokenInfo
+
+
+class AttentionKeys:
+    """Keys and values still visible to later queries, each with its absolute position and validity.
+
+    Rows may sit at different positions; a column that no row still needs is dropped, which keeps the buffer
+    within a window or segment (plus the spread between rows).
+    """
+
+    def __init__(self, keys, values, positions, valid):
+        self.keys = keys  # (batch, kv_heads, length, head_dim), rotary already applied
+        self.values = values  # (batch, kv_heads, length, head_dim)
+        self.positions = positions  # (batch, length) long
+        self.valid = valid  # (batch, length) bool
+
+    @classmethod
+    def empty(cls, batch_size, kv_heads, head_dim, dtype, device):
+        return cls(
+            torch.zeros(batch_size, kv_heads, 0, head_dim, dtype=dtype, device=device),
+            torch.zeros(batch_size, kv_heads, 0, head_dim, dtype=dtype, device=device),
+            torch.zeros(batch_size, 0, dtype=torch.long, device=device),
+            torch.zeros(batch_size, 0, dtype=torch.bool, device=device),
+        )
+
+    def extend(self, keys, values, positions, valid) -> "AttentionKeys":
+        return AttentionKeys(
+            torch.cat([self.keys, keys], dim=2),
+            torch.cat([self.values, values], dim=2),
+            torch.cat([self.positions, positions], dim=1),
+            torch.cat([self.valid, valid], dim=1),
+        )
+
+    def keep_from(self, first_position: torch.Tensor) -> "AttentionKeys":
+        """Keeps, per row, the entries at positions >= first_position (batch,); drops columns nobody needs."""
+        valid = self.valid & (self.positions >= first_position.unsqueeze(1))
+        needed = valid.any(dim=0).nonzero()
+        start = int(needed[0]) if len(needed) else valid.shape[1]
+        return AttentionKeys(
+            self.keys[:, :, start:], self.values[:, :, start:], self.positions[:, start:], valid[:, start:]
+        )
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Plain softmax attention that also returns the weights (query (b, h, q, d), key/value (b, kv_h, k, d))."""
+    key = key.repeat_interleave(module.num_key_value_groups, dim=1)
+    value = value.repeat_interleave(module.num_key_value_groups, dim=1)
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+class TitansAttention(nn.Module):
+    """Softmax attention with a persistent-memory prefix; subclasses say which earlier tokens a query may see
+    (`window_start`). The persistent tokens are learned vectors projected by this layer's key/value projections,
+    without rotary position. Cost is O(T * (reach + prefix)): queries run in blocks against the keys they reach.
+    """
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_kv_heads  # read by the HF attention functions
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False  # masks are always explicit
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+        self.persistent_tokens = (
+            nn.Parameter(torch.empty(config.num_persistent_tokens, hidden)) if config.num_persistent_tokens else None
+        )
+
+    def window_start(self, positions: torch.Tensor) -> torch.Tensor:
+        """First position a query at `positions` may see."""
+        raise NotImplementedError
+
+    def query_block_size(self, seq_len: int) -> int:
+        """Queries per block of the forward pass (each block is one attention call against the keys it reaches)."""
+        return seq_len
+
+    def project_keys(self, x, cos, sin):
+        shape = (*x.shape[:2], self.num_kv_heads, self.head_dim)
+        keys = apply_rotary(self.k_proj(x).view(shape).transpose(1, 2), cos, sin)
+        return keys, self.v_proj(x).view(shape).transpose(1, 2)
+
+    def prefix(self, batch_size: int, dtype):
+        """Persistent keys and values, (batch, kv_heads, P, head_dim) each; no rotary."""
+        shape = (1, -1, self.num_kv_heads, self.head_dim)
+        keys = self.k_proj(self.persistent_tokens.to(dtype)).view(shape).transpose(1, 2)
+        values = self.v_proj(self.persistent_tokens.to(dtype)).view(shape).transpose(1, 2)
+        return keys.expand(batch_size, -1, -1, -1), values.expand(batch_size, -1, -1, -1)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        tokens: TokenInfo,
+        rotary,
+        past: AttentionKeys | None,
+        memory_tokens: torch.Tensor | None = None,
+        output_attentions: bool = False,
+    ):
+        """x (batch, T, hidden) -> (output (batch, T, hidden), weights or None, the keys later queries still see).
+
+        `memory_tokens` (MAC): one extra token per input token, h_j at x_j's position, placed before the input
+        tokens so that x_j sees h_1..h_j and x_1..x_j.
+        """
+        batch_size, seq_len, _ = x.shape
+        cos, sin = rotary
+        queries = apply_rotary(
+            self.q_proj(x).view(batch_size, seq_len, self.num_heads, self.head_dim).transpose(1, 2), cos, sin
+        )
+        if past is None:
+            past = AttentionKeys.empty(batch_size, self.num_kv_heads, self.head_dim, x.dtype, x.device)
+        keys, values = self.project_keys(x, cos, sin)
+        positions, valid = tokens.positions, tokens.valid
+        if memory_tokens is not None:
+            extra_keys, extra_values = self.project_keys(memory_tokens, cos, sin)
+            keys, values = torch.cat([extra_keys, keys], dim=2), torch.cat([extra_values, values], dim=2)
+            positions, valid = positions.repeat(1, 2), valid.repeat(1, 2)
+        visible = past.extend(keys, values, positions, valid)  # one copy of the kept keys per call
+
+        interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        if self.persistent_tokens is not None:
+            prefix_keys, prefix_values = self.prefix(batch_size, x.dtype)
+        block = seq_len if output_attentions else self.query_block_size(seq_len)
+        outputs, weights = [], None
+        for start in range(0, seq_len, block):
+            q_pos = tokens.positions[:, start : start + block]
+            first = self.window_start(q_pos[:, :1]).squeeze(1)
+            last = q_pos[:, -1]
+            # Only key columns that some row of this block may see.
+            in_range = visible.valid & (visible.positions >= first[:, None]) & (visible.positions <= last[:, None])
+            columns = in_range.any(dim=0).nonzero().squeeze(1)
+            lo, hi = (int(columns[0]), int(columns[-1]) + 1) if len(columns) else (0, 0)
+            k_pos, k_valid = visible.positions[:, lo:hi], visible.valid[:, lo:hi]
+            allowed = (
+                k_valid[:, None, :]
+                & (k_pos[:, None, :] <= q_pos[:, :, None])
+                & (k_pos[:, None, :] >= self.window_start(q_pos)[:, :, None])
+            )
+            block_keys, block_values = visible.keys[:, :, lo:hi], visible.values[:, :, lo:hi]
+            if self.persistent_tokens is not None:
+                block_keys = torch.cat([prefix_keys, block_keys], dim=2)
+                block_values = torch.cat([prefix_values, block_values], dim=2)
+                allowed = F.pad(allowed, (prefix_keys.shape[2], 0), value=True)
+            # A query with nothing to see (padding without a prefix) sees everything; its output is unused.
+            allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
+            mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device)
+            mask = mask.masked_fill(~allowed, torch.finfo(x.dtype).min).unsqueeze(1)
+            out, weights = interface(
+                self,
+                queries[:, :, start : start + block],
+                block_keys,
+                block_values,
+                mask,
+                dropout=self.config.attention_dropout if self.training else 0.0,
+                scaling=self.scaling,
+            )
+            outputs.append(out)
+        out = torch.cat(outputs, dim=1).reshape(batch_size, seq_len, -1)
+        kept = visible.keep_from(self.window_start(tokens.next_position))
+        return self.o_proj(out), weights if output_attentions else None, kept
+
+
+class SlidingWindowAttention(TitansAttention):
+    """Each query sees the last `sliding_window` tokens of its row, itself included (MAG, MAL)."""
+
+    def window_start(self, positions: torch.Tensor) -> torch.Tensor:
+        return positions - self.config.sliding_window + 1
+
+    def query_block_size(self, seq_len: int) -> int:
+        return max(self.config.sliding_window, 256)
+
+
+class SegmentAttention(TitansAttention):
+    """Each query sees its own segment of `segment_size` tokens up to itself (MAC); the caller hands over one
+    segment at a time, so all its queries form one block."""
+
+    def window_start(self, positions: torch.Tensor) -> torch.Tensor:
+        return positions - positions % self.config.segment_size

@@ -1,0 +1,167 @@
+"""The neural long-term memory as a layer: projections, convolution and gates around the op (paper Sec. 3.1, 4.4).
+
+    q, k, v = SiLU(causal depthwise conv(Linear(x))), q and k l2-normalised per head
+    alpha_t, eta_t, theta_t: per-token, per-head gates from x (forget, momentum, inner learning rate)
+    y_t = M_t*(q_t) after writing (k_t, v_t)                        (`ops.neural_memory`)
+    o = W_O(RMSNorm(y) * SiLU(W_G x))
+
+The projections are named `mem_*` so that PEFT can target them apart from attention's `q_proj` etc.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.memory_network import MemoryMLP
+from ..ops.neural_memory import (
+    MemoryState,
+    compute_dtype,
+    initial_state,
+    neural_memory_scan,
+    neural_memory_step,
+)
+from .basics import TitansRMSNorm
+from .tokens import TokenInfo
+
+
+class TitansGate(nn.Linear):
+    """Linear map to one gate logit per memory head; `bias_init` is the gate's initial value."""
+
+    def __init__(self, hidden_size: int, num_heads: int, initial_value: float):
+        super().__init__(hidden_size, num_heads)
+        self.bias_init = math.log(initial_value / (1 - initial_value))
+
+
+class MemoryProjection(nn.Linear):
+    """q, k or v projection of the memory, initialised at unit scale per output channel (std 1/sqrt(d_in)): the
+    memory's own output x + LN(.) has unit-scale channels, so small values would leave the inner loss dominated
+    by the LayerNorm branch and the memory would barely store anything at the start of training."""
+
+
+class CausalDepthwiseConv(nn.Conv1d):
+    """Weights of the causal depthwise convolution on the memory's q, k, v (Sec. 4.4), initialised as the identity
+    (only the tap on the current token is 1) so that it does not shrink q, k, v at the start of training. It is
+    applied by `TitansNeuralMemory.causal_conv`, which keeps the causal tail between calls."""
+
+    def __init__(self, channels: int, kernel_size: int):
+        super().__init__(channels, channels, kernel_size, groups=channels, bias=False)
+
+
+@dataclass
+class NeuralMemoryState(MemoryState):
+    """What the memory layer carries from one call to the next: the op's state and the convolution's tail."""
+
+    conv_tail: torch.Tensor | None = None  # (batch, kernel - 1, 3 * hidden): last inputs of the causal convolution
+
+
+class TitansNeuralMemory(nn.Module):
+    """The neural long-term memory as a sequence layer (module docstring). Every token writes (k, v) into the
+    memory and reads M_t(q_t) after its write; the state after the last token is returned for the next call."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.num_heads = config.memory_num_heads
+        self.head_dim = config.memory_head_dim
+        self.chunk_size = config.memory_chunk_size
+        hidden = config.hidden_size
+        self.mem_q_proj = MemoryProjection(hidden, hidden, bias=False)
+        self.mem_k_proj = MemoryProjection(hidden, hidden, bias=False)
+        self.mem_v_proj = MemoryProjection(hidden, hidden, bias=False)
+        self.conv = CausalDepthwiseConv(3 * hidden, config.conv_kernel_size) if config.use_conv else None
+        self.forget_gate = (
+            TitansGate(hidden, self.num_heads, config.memory_forget_init) if config.use_forgetting else None
+        )  # alpha_t
+        self.momentum_gate = (
+            TitansGate(hidden, self.num_heads, config.memory_momentum_init) if config.use_momentum else None
+        )  # eta_t
+        self.lr_gate = TitansGate(hidden, self.num_heads, config.memory_lr_init)  # theta_t / theta_max
+        self.network = MemoryMLP(self.num_heads, self.head_dim, config.memory_depth, config.memory_expansion)
+        self.out_norm = TitansRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.writes_enabled = True  # False: the memory stays at M_0 (an ablation at test time; not saved)
+        self.mem_gate_proj = nn.Linear(hidden, hidden, bias=False)
+        self.mem_o_proj = nn.Linear(hidden, hidden, bias=False)
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, T, hidden) -> (batch, heads, T, head_dim)."""
+        return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+
+    def initial_state(self, batch_size: int) -> NeuralMemoryState:
+        """M_0 for every row, no momentum yet, an empty convolution tail: where every sequence starts."""
+        memory = initial_state(list(self.network.initial_weights), batch_size, use_momentum=self.config.use_momentum)
+        return NeuralMemoryState(memory.weights, memory.snapshot, memory.momentum)
+
+    def causal_conv(self, x: torch.Tensor, tail: torch.Tensor | None, tokens: TokenInfo):
+        """Depthwise causal convolution over (tail ++ x); returns the output and the new tail (last inputs of
+        each row's real tokens).
+
+        Written as a sum over the kernel's taps, out_t = sum_j w_j * extended_{t + j}: the same numbers as
+        `self.conv` (whose weight it uses), several times faster on CPU for a single decoded token (Conv1d's
+        setup dominates there) and no slower for long inputs."""
+        seq_len = x.shape[1]
+        kernel = self.conv.kernel_size[0]
+        if tail is None:
+            tail = x.new_zeros(x.shape[0], kernel - 1, x.shape[2])
+        extended = torch.cat([tail, x], dim=1)  # (batch, kernel - 1 + T, channels)
+        taps = self.conv.weight[:, 0, :]  # (channels, kernel)
+        out = sum(extended[:, j : j + seq_len] * taps[:, j] for j in range(kernel))
+        if tokens.all_valid:  # every row ends at column T - 1 (a copy: a view would keep `extended` alive)
+            return out, extended[:, seq_len:].clone()
+        index = tokens.lengths.view(-1, 1, 1) + torch.arange(kernel - 1, device=x.device).view(1, -1, 1)
+        new_tail = extended.gather(1, index.expand(-1, -1, x.shape[2]))
+        return out, new_tail
+
+    def gates(self, x: torch.Tensor):
+        """log(1 - alpha_t), log(eta_t) (None without momentum) and theta_t, each (batch, heads, T), in fp32."""
+        x = x.to(compute_dtype(x.dtype))
+        zeros = x.new_zeros(x.shape[0], self.num_heads, x.shape[1])
+        if not self.writes_enabled:  # the memory stays at M_0: nothing written, nothing forgotten
+            return zeros, None if self.momentum_gate is None else zeros, zeros
+
+        def logits(gate):  # (batch, heads, T)
+            return F.linear(x, gate.weight.to(x.dtype), gate.bias.to(x.dtype)).transpose(1, 2)
+
+        log_retain = zeros if self.forget_gate is None else F.logsigmoid(-logits(self.forget_gate))
+        log_momentum = None if self.momentum_gate is None else F.logsigmoid(logits(self.momentum_gate))
+        lr = self.config.memory_lr_max * torch.sigmoid(logits(self.lr_gate))
+        return log_retain, log_momentum, lr
+
+    def recall(self, weights, queries: torch.Tensor) -> torch.Tensor:
+        """M*(q) without writing: queries (batch, T, hidden) are l2-normalised per head, read through `weights`
+        (the fast weights of some earlier state) and merged back to (batch, T, hidden)."""
+        heads = F.normalize(self.split_heads(queries), dim=-1)
+        reads = self.network.read(weights, heads.to(weights[0].dtype))
+        return reads.transpose(1, 2).flatten(2).to(queries.dtype)
+
+    def forward(self, x: torch.Tensor, tokens: TokenInfo, state: NeuralMemoryState | None):
+        """x (batch, T, hidden) -> output (batch, T, hidden) and the state after the last real token."""
+        batch_size, seq_len, _ = x.shape
+        state = state if state is not None else self.initial_state(batch_size)
+        if not tokens.all_valid:
+            x = x * tokens.valid.unsqueeze(-1).to(x.dtype)
+        qkv = torch.cat([self.mem_q_proj(x), self.mem_k_proj(x), self.mem_v_proj(x)], dim=-1)
+        conv_tail = None
+        if self.conv is not None:
+            qkv, conv_tail = self.causal_conv(qkv, state.conv_tail, tokens)
+        q, k, v = (self.split_heads(t) for t in F.silu(qkv).chunk(3, dim=-1))
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        log_retain, log_momentum, lr = self.gates(x)
+        write_mask = None if tokens.all_valid else tokens.valid
+        if seq_len == 1:
+            closes_chunk = (tokens.seen + 1) % self.chunk_size == 0
+            row_mask = None if write_mask is None else write_mask[:, 0]
+            reads, memory = neural_memory_step(
+                self.network, state, q, k, v, log_retain, log_momentum, lr, closes_chunk, row_mask
+            )
+        else:
+            reads, memory = neural_memory_scan(
+                self.network, state, q, k, v, log_retain, log_momentum, lr, self.chunk_size, write_mask
+            )
+        y = self.out_norm(reads.to(x.dtype)).transpose(1, 2).flatten(2)  # (batch, T, hidden)
+        out = self.mem_o_proj(y * F.silu(self.mem_gate_proj(x)))
+        return out, NeuralMemoryState(memory.weights, memory.snapshot, memory.momentum, conv_tail)

@@ -1,0 +1,49 @@
+"""The neural memory written straight from the paper, one token at a time: the reference that the chunked scan
+and the decoding step of `neural_memory.py` are tested against. Slow (a Python loop over tokens, autograd for
+every inner gradient) and shares nothing with the fast op but the network's forward and loss.
+
+    surprise    S_t = eta_t S_{t-1} - theta_t grad l(M_{t'}; k_t, v_t)    (Eq. 14)
+    forgetting  M_t = (1 - alpha_t) M_{t-1} + S_t                         (Eq. 13)
+    read        y_t = M_t*(q_t), after the write of token t               (Eq. 15)
+
+with t' = t - t mod chunk_size (Sec. 3.2: every gradient of a chunk is taken at the chunk-start weights).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .memory_network import MemoryMLP
+
+
+def naive_token_gradient(network: MemoryMLP, weights, key: torch.Tensor, value: torch.Tensor):
+    """grad_M l(M; k, v) (Eq. 12) by autograd. Rows, heads and tokens are independent, so the gradient of the
+    loss summed over them is every (row, head)'s own gradient when `key` holds one token."""
+    with torch.enable_grad():
+        point = [w.detach().requires_grad_() for w in weights]
+        loss = network.inner_loss(point, key, value).sum()
+        return torch.autograd.grad(loss, point)
+
+
+def naive_neural_memory(network: MemoryMLP, initial_weights, q, k, v, alpha, eta, theta, chunk_size: int):
+    """Eqs. 12-15 token by token, gradients at M_{t'} (Sec. 3.2).
+
+    initial_weights: per layer (batch, heads, d_in, d_out); q, k, v: (batch, heads, T, d); alpha, eta, theta:
+    (batch, heads, T) (eta = 0 switches momentum off, alpha = 0 forgetting).
+    Returns the reads, the final weights M_T, the snapshot M_{t'} (weights at the start of the current chunk)
+    and the momentum S_T.
+    """
+    weights, momentum, reads = list(initial_weights), [torch.zeros_like(w) for w in initial_weights], []
+    snapshot = weights
+    for t in range(q.shape[-2]):
+        if t % chunk_size == 0:
+            snapshot = weights  # M_{t'}
+        at = slice(t, t + 1)  # keep a token axis of one: (batch, heads, 1, d)
+        grads = naive_token_gradient(network, snapshot, k[..., at, :], v[..., at, :])
+        a, e, th = (gate[..., t, None, None] for gate in (alpha, eta, theta))
+        momentum = [e * s - th * g for s, g in zip(momentum, grads)]  # Eq. 14
+        weights = [(1 - a) * w + s for w, s in zip(weights, momentum)]  # Eq. 13
+        reads.append(network.read(weights, q[..., at, :]))  # Eq. 15, after the write
+    if q.shape[-2] % chunk_size == 0:  # the chunk just closed: the next one starts here
+        snapshot = weights
+    return torch.cat(reads, -2), weights, snapshot, momentum

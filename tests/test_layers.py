@@ -1,0 +1,83 @@
+"""The block structure: the table of token mixers, per-layer mixers (hybrids), the facts mixers declare, and
+checkpoints of the previous weight layout."""
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import CHUNK, SEGMENT, WINDOW, full_logits, prefill_then_decode, random_ids, tiny_config, tiny_model
+from modeling_titans import TitansConfig, TitansForCausalLM
+from modeling_titans.configuration.configuration_titans import TITANS_FORMAT_VERSION, VARIANTS
+from modeling_titans.layers.token_mixers import TOKEN_MIXERS, attention_reach, block_size, has_attention
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+def test_every_variant_has_one_mixer_class():
+    assert set(TOKEN_MIXERS) == set(VARIANTS)
+    assert len(set(TOKEN_MIXERS.values())) == len(VARIANTS)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_each_layer_holds_the_mixer_of_its_variant(variant):
+    model = tiny_model(variant)
+    assert all(type(layer.mixer) is TOKEN_MIXERS[variant] for layer in model.model.layers)
+
+
+@pytest.mark.parametrize(
+    "variant, reach, block, attends",
+    [("mac", SEGMENT, SEGMENT, True), ("mag", WINDOW, CHUNK, True), ("mal", WINDOW, CHUNK, True), ("lmm", 0, CHUNK, False)],
+)
+def test_mixers_declare_reach_block_and_attention(variant, reach, block, attends):
+    config = tiny_config(variant)
+    assert (attention_reach(config), block_size(config), has_attention(config)) == (reach, block, attends)
+
+
+HYBRID = ["lmm", "mac"]
+
+
+def test_hybrid_model_runs_a_mixer_per_layer_and_decodes_exactly():
+    """A model whose layers mix kinds: the widest reach and the longest block count for the model, and
+    prefill + token-by-token decoding over chunk and segment boundaries gives the full forward's logits."""
+    config = tiny_config("mag", mixer_types=HYBRID)
+    torch.manual_seed(0)
+    model = TitansForCausalLM(config).eval()
+    assert [type(layer.mixer) for layer in model.model.layers] == [TOKEN_MIXERS[kind] for kind in HYBRID]
+    assert (attention_reach(config), block_size(config)) == (SEGMENT, SEGMENT)
+    input_ids = random_ids(2, 2 * SEGMENT + 5)
+    expected = full_logits(model, input_ids)
+    torch.testing.assert_close(prefill_then_decode(model, input_ids, SEGMENT + 3), expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "mixer_types", [["mag"], ["mag", "swa"], "mag"], ids=["too-few", "unknown-kind", "not-a-list"]
+)
+def test_mixer_types_must_name_a_known_kind_per_layer(mixer_types):
+    with pytest.raises(ValueError, match="TitansConfig.mixer_types="):
+        tiny_config("mag", mixer_types=mixer_types)
+
+
+def test_changing_the_variant_of_a_saved_config_resets_its_mixers(tmp_path):
+    """`mixer_types` defaults to the variant in every layer; a config built from another's dict with a new variant
+    and `mixer_types=None` gets the new kind everywhere."""
+    config = tiny_config("mag")
+    other = TitansConfig.from_dict({**config.to_dict(), "variant": "mac", "mixer_types": None})
+    assert other.mixer_types == ["mac"] * config.num_hidden_layers
+
+
+@pytest.mark.parametrize("variant", ["mac", "mal"])
+def test_format_1_checkpoints_load_with_renamed_weights_and_the_same_logits(variant, tmp_path):
+    """A checkpoint saved by the previous layout (token mixer's modules directly in the decoder layer, M_0 in the
+    memory module) loads into the current one with the logits it gave then, and saves in the current format."""
+    folder = os.path.join(FIXTURES, f"format1-{variant}")
+    expected = load_file(os.path.join(folder, "expected_logits.safetensors"))
+    model = TitansForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        logits = model(expected["input_ids"], attention_mask=expected["attention_mask"]).logits
+    torch.testing.assert_close(logits, expected["logits"], rtol=0, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    reloaded = TitansForCausalLM.from_pretrained(tmp_path).eval()
+    assert reloaded.config.titans_format_version == TITANS_FORMAT_VERSION
+    torch.testing.assert_close(full_logits(reloaded, expected["input_ids"]), full_logits(model, expected["input_ids"]))
