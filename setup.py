@@ -1,6 +1,6 @@
 """Titans for Hugging Face Transformers.
 
-One import name, `modeling_titans`. The top-level folders `configuration/` and `tokenization/` (design D1) are
+One import name, `modeling_titans`. The top-level folders `configuration/` and `tokenization/` are
 installed as its subpackages `modeling_titans.configuration` and `modeling_titans.tokenization` (and `hub_upload/`
 as `modeling_titans.hub_upload`), so nothing with a generic name lands in site-packages.
 """

@@ -20,7 +20,7 @@ import torch
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
-# The benchmark model: ~5-8M parameters, the size of the reference Llama of issue 2 (d=256, 4 layers, vocab 4096,
+# The benchmark model: ~5-8M parameters, a small Llama (d=256, 4 layers, vocab 4096,
 # tied embeddings: 5.3M). Titans adds its memory (4 heads of 64 channels, depth 2, expansion 4) to each block.
 BACKBONE = dict(
     vocab_size=4096,

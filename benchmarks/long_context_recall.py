@@ -3,7 +3,7 @@ and a full-attention Llama of the same size, all trained with the same budget on
 
 Training (skipped for a model already saved in `--train-dir`): every model gets the same backbone (the `demo`
 preset's width, depth, heads and byte vocabulary), the same optimizer, schedule, steps and length curriculum
-(`train_on_tasks` of `titans demo`: 2000 steps of 16 sequences, 192 then 384 tokens) and the same data: by
+(`modeling_titans.training.train_on_tasks`, the recipe of `titans demo`: 2000 steps of 16 sequences, 192 then 384 tokens) and the same data: by
 default one model per task (passkey, multi-query associative recall, bAbI-style world questions, from
 `modeling_titans.tasks`), scored on that task; with `--mix`, one model on an even mix of the tasks. The models:
 - `mag`, `mac`, `mal`, `lmm`: Titans, attention window / segment of 32 tokens (the preset's);
@@ -16,7 +16,7 @@ memory (or Llama's full attention). All models see at most 384 tokens in trainin
 and, for reference, at 384.
 
 Evaluation: for each task, length and needle depth, `--examples` test-split examples (keys and values never seen
-in training), greedy answers, exact match (`titans eval`'s `evaluate_cell`). The needle distances are spread
+in training), greedy answers, exact match (`modeling_titans.evaluation.task_accuracy`, as `titans eval`). The needle distances are spread
 evenly over the range each length allows; a heatmap column is the needle's depth in the prompt (0 = at the
 start, 1 = next to the question). `--checkpoint name=path` adds any other saved model (scored on every task).
 The scores of the models trained here are saved cell by cell next to them (`scores.json`) and reused, so each
@@ -31,10 +31,8 @@ costs only its own cells.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-
 
 from harness import new_figure, parse_args, print_table, save_figure, write_results
 
@@ -101,7 +99,7 @@ def train_missing(args, tokenizer, tasks: list[str], root: str) -> dict:
     """Trains each of `--models` on `tasks` unless `root/<name>` holds a finished one; returns {name: folder}."""
     from transformers import set_seed
 
-    from modeling_titans.commands.demo import train_on_tasks
+    from modeling_titans.training import train_on_tasks
 
     folders = {}
     for name in args.models:
@@ -112,7 +110,9 @@ def train_missing(args, tokenizer, tasks: list[str], root: str) -> dict:
             continue
         set_seed(args.seed)
         model = new_model(name, args.preset)
-        history = train_on_tasks(model, tokenizer, tasks, args.seq_lens, args, label=f"{name} on {', '.join(tasks)}")
+        print(f"\nTraining {name} on {', '.join(tasks)}: {model.num_parameters():,} parameters.")
+        recipe = {k: getattr(args, k) for k in ("steps", "batch_size", "learning_rate", "eval_every", "eval_examples", "seed")}
+        history = train_on_tasks(model, tokenizer, tasks, args.seq_lens, **recipe)
         model.config.use_cache = True
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
@@ -140,7 +140,7 @@ def evaluate(name: str, folder: str, tokenizer, tasks: list[str], args, keep_sco
     from transformers import AutoModelForCausalLM
 
     import modeling_titans  # noqa: F401 (registers the Titans Auto classes)
-    from modeling_titans.commands.eval import evaluate_cell
+    from modeling_titans.evaluation import task_accuracy
 
     scores_path = os.path.join(folder, SCORES_NAME)
     saved = {}
@@ -148,9 +148,6 @@ def evaluate(name: str, folder: str, tokenizer, tasks: list[str], args, keep_sco
         with open(scores_path) as f:
             saved = {cell_key(cell): cell for cell in json.load(f)}
     model = None
-    cell_settings = argparse.Namespace(
-        split="test", num_examples=args.examples, seed=0, batch_size=args.eval_batch_size
-    )
     rows = []
     for task in tasks:
         for length in args.lengths:
@@ -162,7 +159,9 @@ def evaluate(name: str, folder: str, tokenizer, tasks: list[str], args, keep_sco
                 else:
                     if model is None:
                         model = AutoModelForCausalLM.from_pretrained(folder).to(args.device).eval()
-                    row["accuracy"] = evaluate_cell(model, tokenizer, task, length, distance, cell_settings)["accuracy"]
+                    row["accuracy"] = task_accuracy(
+                        model, tokenizer, task, length, distance, args.examples, "test", 0, args.eval_batch_size
+                    )["accuracy"]
                     saved[cell_key(row)] = row
                     print_table([row], list(row))
                 rows.append(row)

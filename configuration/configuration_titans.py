@@ -36,14 +36,14 @@ class TitansConfig(PreTrainedConfig):
       weights of its start.
     - `segment_size` (MAC): tokens per attention segment; a multiple of `memory_chunk_size`.
     - `sliding_window` (MAG, MAL): tokens each query sees, itself included.
-    - `num_persistent_tokens`: learned attention prefix of every attention layer (Eq. 19, D7).
+    - `num_persistent_tokens`: learned attention prefix of every attention layer (Eq. 19).
     - `conv_kernel_size`: causal depthwise convolution on the memory's q, k, v (Sec. 4.4).
-    - `memory_lr_max`: cap theta_max of the inner learning rate theta_t = theta_max * sigmoid(.) (D3). Default
+    - `memory_lr_max`: cap theta_max of the inner learning rate theta_t = theta_max * sigmoid(.). Default
       0.1: a chunk moves the weights by about theta * sum_s (1 - eta^s) / (1 - eta) times the gradient (~86 theta
       at chunk 16, eta 0.9), which must stay below ~2 for the inner loop to be stable (README, design notes).
     - `memory_forget_init`, `memory_momentum_init`, `memory_lr_init`: initial values of alpha, eta and
       theta / theta_max; they set the gate biases.
-    - Ablations of the paper's Table 5 (D9): `use_momentum`, `use_forgetting`, `use_conv`,
+    - Ablations of the paper's Table 5: `use_momentum`, `use_forgetting`, `use_conv`,
       `num_persistent_tokens=0`, `memory_depth=1`.
     - `gate_activation`: the non-linearity of the MAG / MAC output gate.
     """

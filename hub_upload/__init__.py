@@ -9,7 +9,7 @@
   that cannot be flattened): the message says why.
 """
 
-from .checkpoint import CheckpointError, check_checkpoint
+from modeling_titans.checkpoints import CheckpointError, check_checkpoint
 from .export import check_export_folder, export_checkpoint
 from .push import check_push_folder, push_folder, upload_plan
 from .remote_code import RemoteCodeError, write_remote_code

@@ -27,7 +27,7 @@ from transformers import AutoTokenizer
 
 from modeling_titans import TitansConfig, TitansForCausalLM, TitansModel
 
-from .checkpoint import CheckpointError, check_checkpoint, read_json, weight_files
+from modeling_titans.checkpoints import CheckpointError, check_checkpoint, check_finite, read_json, weight_files
 from .model_card import model_card
 from .remote_code import class_reference, is_package_class, write_remote_code
 
@@ -84,6 +84,7 @@ def export_checkpoint(
     config = check_checkpoint(checkpoint_dir)
     tokenizer = load_tokenizer(checkpoint_dir, config)
     model = TitansForCausalLM.from_pretrained(checkpoint_dir, dtype="auto", use_safetensors=True)
+    check_finite(model, checkpoint_dir)
     model.config.auto_map = auto_map(tokenizer)
     summary_path = os.path.join(checkpoint_dir, TRAINING_SUMMARY_NAME)
     summary = read_json(summary_path) if os.path.isfile(summary_path) else None

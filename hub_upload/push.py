@@ -7,7 +7,7 @@ from huggingface_hub import HfApi
 from huggingface_hub.hf_api import DEFAULT_IGNORE_PATTERNS
 from huggingface_hub.utils import filter_repo_objects
 
-from .checkpoint import CheckpointError
+from modeling_titans.checkpoints import CheckpointError
 from .export import check_export_folder
 
 # Files that unpickle on load. A Titans repository carries safetensors only; `titans train` output folders hold

@@ -1,8 +1,8 @@
 """The `titans` command line: one subcommand per module in `modeling_titans/commands/`.
 
-Each command module defines `add_parser(subparsers)`, which registers its subparser and sets `run=...`. A
-command reports bad input by raising `CommandError`; the user then sees one clear line and a non-zero exit,
-never a traceback from deep inside a library.
+Each command module defines `add_parser(subparsers)`, which registers its subparser and sets `run=...`. Bad
+input (a `CommandError` for the arguments, or the library's own error for a file, folder or checkpoint) is shown
+as one clear line with exit code 2, never as a traceback from deep inside a library.
 """
 
 import argparse
@@ -11,10 +11,13 @@ import pkgutil
 import sys
 
 from . import commands
+from .checkpoints import CheckpointError
+from .commands import CommandError
+from .data import DataError
+from .training import OutputDirError
 
-
-class CommandError(Exception):
-    """A problem with the user's input or files, reported as one line."""
+# The errors that describe the user's input: shown as one line.
+USER_ERRORS = (CommandError, CheckpointError, DataError, OutputDirError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,14 +32,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args) or 0
-    except CommandError as error:
-        print(f"titans {args.command}: error: {error}", file=sys.stderr)
+    except USER_ERRORS as error:
+        print(f"titans {args.command}: error: {str(error).strip().splitlines()[0]}", file=sys.stderr)
         return 2
 
 
 if __name__ == "__main__":
-    # Run as `python -m modeling_titans.cli`, this file is `__main__` and the commands raise the CommandError of
-    # the imported `modeling_titans.cli`: dispatch through that module so its errors are caught.
-    from modeling_titans.cli import main as package_main
-
-    sys.exit(package_main())
+    sys.exit(main())

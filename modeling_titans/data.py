@@ -55,20 +55,41 @@ def load_text_dataset(train_files=(), dataset: str | None = None, text_column: s
         suffix = os.path.splitext(path)[1].lower()
         if suffix not in TEXT_FILE_SUFFIXES:
             raise DataError(f"Cannot read {path}: training files must end in {', '.join(TEXT_FILE_SUFFIXES)}.")
+        check_text_file(path, as_json_lines=suffix == ".jsonl")
         if suffix == ".txt":
             part = datasets.load_dataset("text", data_files=[path], sample_by="document", split="train")
             parts.append(select_text(part, "text", path))
         else:
             try:
                 part = datasets.load_dataset("json", data_files=[path], split="train")
-            except Exception as error:  # the json builder reports a bad line as a chain of library errors
-                raise DataError(f"Cannot read {path} as JSON lines: {str(error).splitlines()[0]}") from error
+            except Exception as error:  # the json builder reports a bad record as a chain of library errors
+                raise DataError(f"Cannot read {path} as JSON: {str(error).splitlines()[0]}") from error
             parts.append(select_text(part, text_column, path))
     if dataset is not None:
         parts.append(select_text(load_named_dataset(dataset), text_column, dataset))
     if not parts:
         raise DataError("No training text given: pass --train-file or --dataset.")
     return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+
+
+def check_text_file(path: str, as_json_lines: bool):
+    """DataError naming the file and line of the first byte sequence that is not UTF-8, or (JSON lines) of the
+    first line that is not a JSON object; `datasets` would report either as a long chain of its own errors."""
+    import json
+
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(f"{path} line {number} is not UTF-8 text (byte {error.start} of the line).") from None
+            if as_json_lines and text.strip():
+                try:
+                    record = json.loads(text)
+                except json.JSONDecodeError as error:
+                    raise DataError(f"{path} line {number} is not valid JSON: {error.msg}.") from None
+                if not isinstance(record, dict):
+                    raise DataError(f"{path} line {number} is not a JSON object.")
 
 
 def load_named_dataset(name: str):

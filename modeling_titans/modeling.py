@@ -383,10 +383,16 @@ def legacy_checkpoint(path) -> tuple[TitansConfig, dict] | None:
     state_dict = {}
     for name in files:
         state_dict.update(load_file(os.path.join(path, name)))
+    state_dict = {current_weight_name(key, version): value for key, value in state_dict.items()}
+    return TitansConfig.from_pretrained(path), state_dict
+
+
+def current_weight_name(name: str, version: int) -> str:
+    """The name a weight saved by checkpoint format `version` has in the current format."""
     for old_version in range(version, TITANS_FORMAT_VERSION):
         for pattern, replacement in LEGACY_WEIGHT_NAMES[old_version]:
-            state_dict = {re.sub(pattern, replacement, key): value for key, value in state_dict.items()}
-    return TitansConfig.from_pretrained(path), state_dict
+            name = re.sub(pattern, replacement, name)
+    return name
 
 
 __all__ = ["TitansForCausalLM", "TitansModel", "TitansPreTrainedModel"]

@@ -12,7 +12,7 @@ separately (PEFT matches a name against the end of each module's path):
 The default, `DEFAULT_LORA_TARGET_MODULES`, adapts attention and the memory's projections: the parts that decide
 what is attended to and what is written into and read from the memory. The gates `forget_gate`, `momentum_gate`
 and `lr_gate` are `nn.Linear` too, but the memory reads their weights directly to compute alpha, eta and theta in
-fp32 (design D3), so an adapter on them would never be used; `lora_target_modules` refuses them and leaves them out
+fp32 (docs/design.md, gates), so an adapter on them would never be used; `lora_target_modules` refuses them and leaves them out
 of "all-linear".
 
     from peft import get_peft_model
@@ -34,7 +34,7 @@ MAC_RETRIEVAL_TARGET_MODULES = ("retrieve_q_proj", "retrieve_o_proj")
 MLP_TARGET_MODULES = ("gate_proj", "up_proj", "down_proj")
 DEFAULT_LORA_TARGET_MODULES = ATTENTION_TARGET_MODULES + MEMORY_TARGET_MODULES
 
-# Linear layers whose weights the memory reads without calling the module (gates in fp32, D3): never adapted.
+# Linear layers whose weights the memory reads without calling the module (gates in fp32): never adapted.
 MEMORY_GATE_MODULES = ("forget_gate", "momentum_gate", "lr_gate")
 # The output head is tied to the embeddings in the presets; PEFT's "all-linear" leaves it out as well.
 OUTPUT_MODULES = ("lm_head",)

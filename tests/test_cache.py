@@ -1,4 +1,4 @@
-"""TitansCache (design D10): the row operations generate() relies on, reset, bounded size, refused operations.
+"""TitansCache: the row operations generate() relies on, reset, bounded size, refused operations.
 
 Each row operation is checked against its meaning: after reorder / select / repeat, decoding continues exactly as a
 cache built from scratch on the correspondingly reordered / selected / repeated prompts.

@@ -1,4 +1,4 @@
-"""TitansConfig: validation of every field, presets, save / load (issue 2, design D9)."""
+"""TitansConfig: validation of every field, presets, save / load, and the ablation switches."""
 
 import pytest
 from transformers import AutoConfig

@@ -7,7 +7,9 @@ import os
 import pytest
 
 from modeling_titans.cli import main
-from modeling_titans.commands.demo import RESULTS_NAME, digits_right, phase_steps, sequence_length_for
+from modeling_titans.demo import RESULTS_NAME
+from modeling_titans.evaluation import digits_right, sequence_length_for
+from modeling_titans.training import phase_steps
 from modeling_titans.tasks import generate_examples
 
 
@@ -71,7 +73,7 @@ def test_quick_demo_prints_the_summary_table(quick_run, capsys):
 
 def test_sequence_length_places_the_needle_exactly_as_far_as_asked():
     for distance in (64, 256, 512):
-        length = sequence_length_for(distance)
+        length = sequence_length_for("passkey", distance)
         example = generate_examples("passkey", "test", 1, length - 2, needle_distance=distance)[0]
         assert example.length == length - 2
         # The needle ends with the code and a period; that period sits `distance` positions before the prompt's

@@ -1,4 +1,4 @@
-"""Data-parallel training on 2 processes of this machine (issue 5, point 4): gloo on CPU.
+"""Data-parallel training on 2 processes of this machine: gloo on CPU.
 
 `tests/ddp_worker.py` trains a tiny model for a few steps under a launcher; the ranks must end with identical
 parameters, equal to one process training on the combined batches (DDP averages the gradients). Each launch

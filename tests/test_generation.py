@@ -1,4 +1,4 @@
-"""generate() with a TitansCache (issue 2, design D10): exactness against one full forward, padding, sampling,
+"""generate() with a TitansCache: exactness against one full forward, padding, sampling,
 beam search, streamers, pipeline("text-generation") and the refusal of assisted decoding."""
 
 import pytest

@@ -1,4 +1,4 @@
-"""Hub round trip (issue 4): `titans export`, `titans push`, and loading an exported folder without our package.
+"""Hub round trip: `titans export`, `titans push`, and loading an exported folder without our package.
 
 The central test loads every exported variant in a fresh Python process in which `modeling_titans` cannot be
 imported, with `trust_remote_code=True`, and checks that its logits and greedy `generate()` tokens are identical

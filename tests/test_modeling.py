@@ -1,4 +1,4 @@
-"""Model-level behaviour of TitansForCausalLM (issue 2): forward and loss, ablations, causality, padding, outer
+"""Model-level behaviour of TitansForCausalLM: forward and loss, ablations, causality, padding, outer
 gradients, bad inputs, hidden states / attention weights, save / load and the Auto classes.
 
 The op-level fidelity tests (naive paper reference vs the chunked memory) live in test_neural_memory.py.

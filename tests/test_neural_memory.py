@@ -65,8 +65,8 @@ def layer_shapes(depth, d=D_HEAD, expansion=EXPANSION):
 
 def make_problem(depth, length, seed=0, batch=BATCH, heads=HEADS, d=D_HEAD, dtype=torch.float64):
     """Random M_0 (heads, d_in, d_out) per layer (He scale, so the LayerNorm input is not tiny), q and k of norm
-    1.5 (l2-normalised as in D6, then scaled), values that a nearby memory fits up to noise (so the inner loop
-    learns rather than drifts), and gates as raw logits (D3)."""
+    1.5 (l2-normalised as the layer does, then scaled), values that a nearby memory fits up to noise (so the inner loop
+    learns rather than drifts), and gates as raw logits."""
     g = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
@@ -88,7 +88,7 @@ def make_problem(depth, length, seed=0, batch=BATCH, heads=HEADS, d=D_HEAD, dtyp
 
 
 def gates(p):
-    """(alpha, eta, theta) of D3 from the logits."""
+    """(alpha, eta, theta) from the logits."""
     return torch.sigmoid(p["alpha_logit"]), torch.sigmoid(p["eta_logit"]), torch.sigmoid(p["theta_logit"])
 
 
@@ -175,7 +175,7 @@ def check_against_reference(m0, p, alpha, eta, theta, chunk_size, dtype):
 @pytest.mark.parametrize("chunk_size, length", [(1, 11), (4, 16), (4, 13), (16, 32), (16, 37)])
 def test_scan_matches_paper_reference(dtype, depth, chunk_size, length):
     """Eqs. 12-15 with gradients at M_{t'} (Sec. 3.2): reads and state (M_T, M_{t'}, S_T) of the chunked closed
-    form equal the per-token recurrence; chunk_size 1 is the plain per-token recurrence (D5)."""
+    form equal the per-token recurrence; chunk_size 1 is the plain per-token recurrence."""
     m0, p = make_problem(depth, length, seed=depth * 100 + chunk_size + length, dtype=dtype)
     check_against_reference(m0, p, *gates(p), chunk_size, dtype)
 
@@ -193,7 +193,7 @@ def test_chunking_matters(depth):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 2. Ablations (D9): no momentum, no forgetting
+# 2. Ablations of the paper's Table 5: no momentum, no forgetting
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -391,14 +391,14 @@ def test_padding_does_not_close_chunk_against_reference():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 5. Outer gradients (D4: the outer loss back-propagates through the inner updates)
+# 5. Outer gradients (the outer loss back-propagates through the inner updates)
 # ----------------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("use_momentum", [True, False])
 @pytest.mark.parametrize("depth, chunk_size, padded", [(1, 2, False), (2, 3, False), (2, 2, False), (2, 2, True)])
 def test_gradcheck_scan(depth, chunk_size, padded, use_momentum):
-    """gradcheck (fp64) of reads and final state w.r.t. q, k, v, the raw gate logits (D3) and M_0 (D2, shared by
+    """gradcheck (fp64) of reads and final state w.r.t. q, k, v, the raw gate logits and M_0 (shared by
     the batch), through second-order terms of the inner gradient; 5 tokens, the last chunk partial; `padded`: the
     second row has 3 real tokens (write_mask)."""
     batch, heads, d, length = 2, 1, 3, 5
@@ -472,7 +472,7 @@ def test_gradient_factors_are_per_token_gradients(depth):
 
 
 def test_low_precision_inputs_run_in_fp32():
-    """D11: with bf16 q, k, v and M_0 the memory math runs in fp32: state in fp32, reads those of the same inputs
+    """With bf16 q, k, v and M_0 the memory math runs in fp32: state in fp32, reads those of the same inputs
     upcast to fp32 (the gates are fp32, as the model computes them)."""
     m0, p = make_problem(2, 9, seed=22, dtype=torch.float32)
     low = {name: x.to(torch.bfloat16) for name, x in p.items() if name in "qkv"}

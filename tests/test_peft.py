@@ -1,4 +1,4 @@
-"""LoRA with PEFT on Titans (issue 5, point 2): default targets on attention and memory, train / save / load the
+"""LoRA with PEFT on Titans: default targets on attention and memory, train / save / load the
 adapter, merge_and_unload equals the adapted model, generate() on the PEFT model keeps writing into a TitansCache,
 "all-linear", and clear errors for target names that match nothing."""
 

@@ -1,10 +1,10 @@
-"""Training Titans with the Hugging Face Trainer (issue 5, points 1, 3 and 5).
+"""Training Titans with the Hugging Face Trainer.
 
 1. Trainer from scratch and from a saved model; gradient accumulation gives the gradient of the equivalent big
    batch (the model passes `num_items_in_batch` to its loss); resuming from a checkpoint reproduces the
    uninterrupted run; eval perplexity = exp(eval_loss) is the token-level perplexity.
 3. Activation checkpointing: same loss and gradients as the plain run, and the layers really are recomputed.
-5. Mixed precision: bf16 weights with the memory state kept in fp32 (D11); training and generation run.
+5. Mixed precision: bf16 weights with the memory state kept in fp32; training and generation run.
 Bad input: a resume directory without checkpoints, a checkpoint of another variant.
 """
 

@@ -18,6 +18,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import TokenizersBackend
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2, as in TitansByteTokenizer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + 256  # the special tokens and every byte, before any merge
 
 
@@ -27,13 +29,15 @@ def train_byte_level_bpe(
     output_dir: str | None = None,
     min_frequency: int = 2,
     show_progress: bool = False,
+    overwrite: bool = False,
 ) -> TokenizersBackend:
     """Learn byte-level BPE merges on `files` (UTF-8 text) up to `vocab_size` tokens; save to `output_dir`.
 
     The vocabulary can come out smaller than `vocab_size` when the files hold too few distinct pairs with at least
     `min_frequency` occurrences; use `len(tokenizer)` as the model's `vocab_size`.
-    Raises `FileNotFoundError` / `ValueError` with a one-line message for missing, empty or non-UTF-8 files and
-    for a `vocab_size` below the 259 tokens that the bytes and special tokens take.
+    Raises `FileNotFoundError` / `ValueError` with a one-line message for missing, empty or non-UTF-8 files, for
+    a `vocab_size` below the 259 tokens that the bytes and special tokens take, and for an `output_dir` that holds
+    a model (whose embeddings fit its own tokenizer) or, unless `overwrite`, another tokenizer.
     """
     if vocab_size < MIN_VOCAB_SIZE:
         raise ValueError(
@@ -49,8 +53,8 @@ def train_byte_level_bpe(
             raise ValueError(f"training file is not a regular file: {path}")
         if os.path.getsize(path) == 0:
             raise ValueError(f"training file is empty: {path}")
-    if output_dir is not None and os.path.isfile(output_dir):
-        raise ValueError(f"output directory {output_dir} is a file.")
+    if output_dir is not None:
+        check_output_dir(output_dir, overwrite)
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.Sequence(
@@ -82,3 +86,21 @@ def train_byte_level_bpe(
     if output_dir is not None:
         tokenizer.save_pretrained(output_dir)
     return tokenizer
+
+
+def check_output_dir(output_dir: str, overwrite: bool):
+    """Refuses a file, a model folder, and (unless `overwrite`) a folder that already holds a tokenizer."""
+    if os.path.isfile(output_dir):
+        raise ValueError(f"output directory {output_dir} is a file.")
+    if not os.path.isdir(output_dir):
+        return
+    present = set(os.listdir(output_dir))
+    model = sorted(present.intersection(MODEL_FILES))
+    if model:
+        raise ValueError(
+            f"{output_dir} holds a model ({model[0]}); a new tokenizer there would no longer match its embeddings. "
+            "Choose another --output-dir."
+        )
+    tokenizer = sorted(present.intersection(TOKENIZER_FILES))
+    if tokenizer and not overwrite:
+        raise ValueError(f"{output_dir} already holds a tokenizer ({tokenizer[0]}); pass --overwrite to replace it.")

@@ -1,82 +1,95 @@
-"""`titans eval`: exact-match accuracy of a saved model on a built-in task, per context length and needle distance.
+"""`titans eval`: how well a saved model answers a built-in long-context task, or how well it predicts a text.
 
     titans eval runs/passkey --task passkey --lengths 256,1024 --distances 64,512 --json results.json
     titans eval runs/passkey --task passkey --no-memory      # the same model with its memory frozen at M_0
+    titans eval runs/book --text-file held_out.txt --lengths 512,2048   # bits per byte at each context length
 
-A context length is a full sequence `<s> prompt answer </s>` in tokens, as `titans train --seq-len` counts it.
-The needle distance is how many tokens before the last prompt token the needle ends (`modeling_titans.tasks`);
-by default three distances per length, from the shortest to the longest the length allows. Answers are decoded
-greedily, in left-padded batches; an answer counts when the generated text starts with it (`answer_is_correct`).
-`--no-memory` calls `model.set_memory_writes(False)`: the neural memory stops learning at test time, which
-leaves only what attention sees (the ablation that shows what the memory adds).
+Task mode: exact-match accuracy of greedy answers per context length and needle distance (see
+`modeling_titans.evaluation.task_accuracy`). A context length is a full sequence `<s> prompt answer </s>` in
+tokens, as `titans train --seq-len` counts it; the needle distance is how many tokens before the last prompt token
+the needle ends; by default three distances per length, from the shortest to the longest the length allows.
+Text mode (`--text-file`): bits per byte and perplexity, the text cut into sequences of each length, every
+sequence scored from a fresh memory. `--no-memory` calls `model.set_memory_writes(False)`: the neural memory
+stops learning at test time, which leaves only what attention sees (the ablation that shows what the memory adds).
 """
 
 import json
 import os
 
-from ..cli import CommandError
-from .train import DEFAULT_TASK, SUMMARY_NAME
+from . import CommandError
 
 
 def add_parser(subparsers):
     parser = subparsers.add_parser(
-        "eval", help="accuracy on a built-in long-context task", description=__doc__.split("\n\n")[0]
+        "eval", help="accuracy on a built-in task, or bits per byte on a text", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("model_dir", metavar="DIR", help="a folder written by `titans train` or save_pretrained")
-    parser.add_argument("--task", help="passkey, recall or babi (default: the task the model was trained on)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--task", help="passkey, recall or babi (default: the task the model was trained on)")
+    source.add_argument("--text-file", metavar="FILE", help="score this UTF-8 text (.txt, or .jsonl with a text field)")
     parser.add_argument("--lengths", help="comma-separated context lengths in tokens (default: the training length)")
-    parser.add_argument("--distances", help="comma-separated needle distances in tokens (default: 3 per length)")
-    parser.add_argument("--num-examples", type=int, default=20, help="examples per length and distance")
-    parser.add_argument("--split", choices=("test", "validation"), default="test")
+    parser.add_argument("--distances", help="task: comma-separated needle distances in tokens (default: 3 per length)")
+    parser.add_argument("--num-examples", type=int, default=20, help="task: examples per length and distance (default 20)")
+    parser.add_argument("--max-sequences", type=int, help="text: score at most this many sequences per length")
+    parser.add_argument("--split", choices=("test", "validation"), default="test", help="task examples' split")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-memory", action="store_true", help="freeze the neural memory (no test-time writes)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--json", metavar="OUT", help="write the results (and every answer) to this JSON file")
     parser.set_defaults(run=run)
 
 
 def run(args) -> int:
-    from modeling_titans.tasks import TASKS, minimum_length, needle_distance_range
-
-    from .generate import load_model_and_tokenizer
+    from ..checkpoints import load_model_and_tokenizer
+    from ..evaluation import MAX_EVAL_LENGTH, check_task_cell
+    from ..tasks import TASKS
 
     trained = read_training_summary(args.model_dir)
-    task = args.task or trained.get("data", {}).get("task") or DEFAULT_TASK
-    if task not in TASKS:
-        raise CommandError(f"Unknown task {task!r}; available: {', '.join(TASKS)}.")
+    for flag in ("num_examples", "batch_size", "max_sequences"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise CommandError(f"--{flag.replace('_', '-')} {value}: must be at least 1.")
     default_length = trained.get("training", {}).get("seq_len", 256)
+    default_length = max(default_length) if isinstance(default_length, list) else default_length
     lengths = parse_ints("--lengths", args.lengths) if args.lengths else [default_length]
-    distances = parse_ints("--distances", args.distances) if args.distances else None
-    for flag in ("num_examples", "batch_size"):
-        if getattr(args, flag) < 1:
-            raise CommandError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1.")
-    shortest = minimum_length(task) + 2
-    cells = []
-    for length in lengths:
-        if length < shortest:
-            raise CommandError(f"Length {length} is too short for the {task} task: use at least {shortest}.")
-        lowest, highest = needle_distance_range(task, length - 2)
-        for distance in distances or sorted({lowest, (lowest + highest) // 2, highest}):
-            if not lowest <= distance <= highest:
-                raise CommandError(f"Needle distance {distance} does not fit length {length}: use {lowest} to {highest}.")
-            cells.append((length, distance))
+    text = None
+    if args.text_file:
+        if args.distances:
+            raise CommandError("--distances is for tasks; a text is scored at each of --lengths.")
+        text = read_texts(args.text_file)
+        for length in lengths:
+            if not 2 <= length <= MAX_EVAL_LENGTH:
+                raise CommandError(f"Length {length}: use 2 to {MAX_EVAL_LENGTH:,} tokens.")
+        cells = lengths
+    else:
+        task = args.task or trained.get("data", {}).get("task") or "passkey"
+        if task not in TASKS:
+            raise CommandError(f"Unknown task {task!r}; available: {', '.join(TASKS)}.")
+        distances = parse_ints("--distances", args.distances) if args.distances else None
+        cells = []
+        for length in lengths:
+            try:
+                lowest, highest = check_task_cell(task, length, None)
+                for distance in distances or sorted({lowest, (lowest + highest) // 2, highest}):
+                    check_task_cell(task, length, distance)
+                    cells.append((length, distance))
+            except ValueError as error:
+                raise CommandError(str(error)) from None
 
-    model, tokenizer = load_model_and_tokenizer(args.model_dir)
+    model, tokenizer = load_model_and_tokenizer(args.model_dir, device=args.device)
     if args.no_memory:
         if not hasattr(model, "set_memory_writes"):
             raise CommandError(f"--no-memory needs a Titans model; {args.model_dir} holds a {model.config.model_type}.")
         model.set_memory_writes(False)
-    results = [evaluate_cell(model, tokenizer, task, length, distance, args) for length, distance in cells]
-    print_table(results, task, args, attention_window(model.config))
+    if text is not None:
+        results = score_text(model, tokenizer, text, cells, args)
+        report = {"model": args.model_dir, "text_file": args.text_file, "memory": not args.no_memory, "results": results}
+    else:
+        results = answer_task(model, tokenizer, task, cells, args)
+        report = {"model": args.model_dir, "task": task, "split": args.split, "memory": not args.no_memory,
+                  "seed": args.seed, "results": results}
     if args.json:
-        report = {
-            "model": args.model_dir,
-            "task": task,
-            "split": args.split,
-            "memory": not args.no_memory,
-            "seed": args.seed,
-            "results": results,
-        }
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
         print(f"Wrote {args.json}")
@@ -84,11 +97,19 @@ def run(args) -> int:
 
 
 def read_training_summary(model_dir: str) -> dict:
+    from ..training import SUMMARY_NAME
+
     path = os.path.join(model_dir, SUMMARY_NAME)
     if not os.path.isfile(path):
         return {}
     with open(path) as f:
         return json.load(f)
+
+
+def read_texts(path: str) -> list[str]:
+    from ..data import load_text_dataset
+
+    return list(load_text_dataset([path])["text"])
 
 
 def parse_ints(flag: str, text: str) -> list[int]:
@@ -101,48 +122,22 @@ def parse_ints(flag: str, text: str) -> list[int]:
     return values
 
 
-def evaluate_cell(model, tokenizer, task: str, length: int, distance: int, args) -> dict:
-    """Greedy answers to `num_examples` test examples of one length and needle distance."""
-    import torch
+def answer_task(model, tokenizer, task: str, cells, args) -> list[dict]:
+    from tqdm.auto import tqdm
 
-    from modeling_titans.tasks import answer_is_correct, generate_examples
+    from ..evaluation import task_accuracy
+    from ..layers.token_mixers import attention_reach
 
-    examples = generate_examples(task, args.split, args.num_examples, length - 2, args.seed, distance)
-    tokenizer.padding_side = "left"  # generation continues every row from the same last column
-    answers = []
-    for start in range(0, len(examples), args.batch_size):
-        batch = examples[start : start + args.batch_size]
-        inputs = tokenizer([example.prompt for example in batch], padding=True, return_tensors="pt")
-        answer_tokens = max(len(tokenizer(e.answer, add_special_tokens=False)["input_ids"]) for e in batch)
-        with torch.no_grad():
-            output = model.generate(
-                **inputs, max_new_tokens=answer_tokens + 1, do_sample=False, pad_token_id=tokenizer.pad_token_id
+    results = []
+    with tqdm(total=len(cells) * args.num_examples, desc="answering", unit="example") as bar:
+        for length, distance in cells:
+            results.append(
+                task_accuracy(
+                    model, tokenizer, task, length, distance, args.num_examples, args.split, args.seed,
+                    args.batch_size, progress=bar.update,
+                )
             )
-        new_tokens = output[:, inputs["input_ids"].shape[1] :]
-        answers += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-    records = [
-        {"answer": example.answer, "generated": text, "correct": answer_is_correct(example, text)}
-        for example, text in zip(examples, answers)
-    ]
-    correct = sum(record["correct"] for record in records)
-    return {
-        "length": length,
-        "needle_distance": distance,
-        "correct": correct,
-        "total": len(records),
-        "accuracy": correct / len(records),
-        "examples": records,
-    }
-
-
-def attention_window(config) -> int | None:
-    """Tokens the model's attention reaches back: the sliding window (MAG, MAL), the segment (MAC), none (LMM)."""
-    return {"mag": config.sliding_window, "mal": config.sliding_window, "mac": config.segment_size}.get(
-        getattr(config, "variant", None)
-    )
-
-
-def print_table(results: list[dict], task: str, args, window: int | None):
+    window = attention_reach(model.config) if getattr(model.config, "model_type", None) == "titans" else None
     memory = "off (--no-memory)" if args.no_memory else "on"
     print(f"\n{task} ({args.split} split), memory {memory}, {args.model_dir}")
     header = f"{'length':>8} {'distance':>9} {'/ window':>9} {'accuracy':>9}  correct"
@@ -156,3 +151,28 @@ def print_table(results: list[dict], task: str, args, window: int | None):
         )
     correct, total = sum(c["correct"] for c in results), sum(c["total"] for c in results)
     print(f"{'all':>8} {'':>9} {'':>9} {correct / total:>8.1%}  {correct}/{total}")
+    return results
+
+
+def score_text(model, tokenizer, texts: list[str], lengths: list[int], args) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    from ..evaluation import text_bits_per_byte
+
+    results = []
+    for length in lengths:
+        with tqdm(desc=f"scoring {length}-token sequences", unit="sequence") as bar:
+            try:
+                results.append(
+                    text_bits_per_byte(model, tokenizer, texts, length, args.batch_size, args.max_sequences, bar.update)
+                )
+            except ValueError as error:
+                raise CommandError(f"{args.text_file}: {error}") from None
+    memory = "off (--no-memory)" if args.no_memory else "on"
+    print(f"\n{args.text_file}, memory {memory}, {args.model_dir}")
+    header = f"{'length':>8} {'sequences':>10} {'bits/byte':>10} {'perplexity':>11}"
+    print(header)
+    print("-" * len(header))
+    for cell in results:
+        print(f"{cell['seq_len']:>8} {cell['sequences']:>10} {cell['bits_per_byte']:>10.4f} {cell['perplexity']:>11.3f}")
+    return results

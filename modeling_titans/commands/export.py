@@ -1,7 +1,7 @@
 """`titans export CKPT_DIR OUT_DIR`: turn a checkpoint into a self-contained Hugging Face Hub repository folder
 (see `hub_upload/export.py`)."""
 
-from ..cli import CommandError
+from . import CommandError
 
 
 def add_parser(subparsers):

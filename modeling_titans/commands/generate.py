@@ -9,7 +9,7 @@ through `pipeline("text-generation")`; a `TextStreamer` prints each token as it 
 
 import os
 
-from ..cli import CommandError
+from . import CommandError
 
 
 def add_parser(subparsers):
@@ -26,6 +26,7 @@ def add_parser(subparsers):
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.set_defaults(run=run)
 
 
@@ -38,7 +39,9 @@ def run(args) -> int:
 
     from transformers import TextStreamer, pipeline, set_seed
 
-    model, tokenizer = load_model_and_tokenizer(args.model_dir)
+    from ..checkpoints import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(args.model_dir, device=args.device)
     set_seed(args.seed)
     generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
     sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k) if args.do_sample else {}
@@ -57,32 +60,11 @@ def run(args) -> int:
 def read_prompt(path: str) -> str:
     if not os.path.isfile(path):
         raise CommandError(f"No such prompt file: {path}")
-    with open(path, encoding="utf-8") as f:
-        prompt = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompt = f.read()
+    except UnicodeDecodeError as error:
+        raise CommandError(f"The prompt file {path} is not UTF-8 text (byte {error.start}).") from None
     if not prompt:
         raise CommandError(f"The prompt file {path} is empty.")
     return prompt
-
-
-def load_model_and_tokenizer(model_dir: str):
-    """The model (eval mode) and tokenizer saved in `model_dir`, through the Auto classes; CommandError if the
-    folder holds no model."""
-    if not os.path.isdir(model_dir):
-        raise CommandError(f"No such model folder: {model_dir}")
-    if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        raise CommandError(f"{model_dir} holds no model (no config.json); train one with `titans train --output-dir`.")
-    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-    if not any(os.path.isfile(os.path.join(model_dir, name)) for name in weights):
-        raise CommandError(f"{model_dir} holds a config.json but no model weights (model.safetensors).")
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # Titans registered itself on import
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError, KeyError) as error:
-        raise CommandError(f"Cannot load the model in {model_dir}: {str(error).splitlines()[0]}") from error
-    return model.eval(), tokenizer
-
-
-__all__ = ["load_model_and_tokenizer"]

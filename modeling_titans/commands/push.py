@@ -1,7 +1,7 @@
 """`titans push OUT_DIR --repo-id NAME`: upload a folder written by `titans export` to the Hugging Face Hub
 (see `hub_upload/push.py`)."""
 
-from ..cli import CommandError
+from . import CommandError
 
 
 def add_parser(subparsers):

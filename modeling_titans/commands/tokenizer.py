@@ -2,7 +2,7 @@
 
 import sys
 
-from ..cli import CommandError
+from . import CommandError
 
 
 def add_parser(subparsers):
@@ -18,7 +18,10 @@ def add_parser(subparsers):
     parser.add_argument(
         "--min-frequency", type=int, default=2, help="merge only pairs seen at least this often (default 2)"
     )
-    parser.add_argument("--output-dir", required=True, help="where to write tokenizer.json and tokenizer_config.json")
+    parser.add_argument(
+        "--output-dir", required=True, help="where to write tokenizer.json and tokenizer_config.json (not a model folder)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace a tokenizer already in --output-dir")
     parser.set_defaults(run=run)
 
 
@@ -32,6 +35,7 @@ def run(args) -> int:
             args.output_dir,
             min_frequency=args.min_frequency,
             show_progress=sys.stdout.isatty(),  # the progress bars print blank lines when piped
+            overwrite=args.overwrite,
         )
     except (OSError, ValueError) as error:
         raise CommandError(error) from error

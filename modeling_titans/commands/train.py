@@ -1,132 +1,176 @@
-"""`titans train`: train a Titans language model with the Hugging Face `Trainer`.
+"""`titans train`: train or fine-tune a Titans language model with the Hugging Face `Trainer`.
 
-    titans train --preset small --output-dir runs/passkey                 # built-in task (passkey by default)
+    titans train --preset small --output-dir runs/passkey                  # built-in task (passkey by default)
     titans train --preset tiny --task babi --max-steps 5 --output-dir runs/tiny
-    titans train --preset small --train-file book.txt --seq-len 512 --output-dir runs/book
-    titans train --preset small --output-dir runs/passkey --resume        # continue from the last checkpoint
+    titans train --preset small --train-file book.txt notes.jsonl --seq-len 512 --output-dir runs/book
+    titans train --model-name-or-path runs/book --train-file more.txt --output-dir runs/book2 --bf16
+    titans train --preset small --output-dir runs/passkey --resume         # continue from the last checkpoint
 
-Data: a built-in task (`modeling_titans.tasks`; examples generated on the fly, loss on the answer) or your own
-text (`--train-file`, `--dataset`; packed into `--seq-len` sequences, loss on every token). The Trainer shows a
-progress bar, logs the training loss, evaluates the loss on held-out data every `--eval-steps` and writes
-`checkpoint-N` folders every `--save-steps`; `--resume` continues from the last one (step count, optimizer,
-learning-rate schedule, data position and loss history). At the end DIR holds `model.safetensors`,
-`config.json` and the tokenizer (loadable with `AutoModelForCausalLM` / `AutoTokenizer.from_pretrained(DIR)`)
-and `training_summary.json` (data, settings, loss curves; read by the model card).
-
-Runs as it is under `torchrun` / `accelerate launch` (the Trainer handles DDP); only the main process writes files.
+Data: a built-in task (`modeling_titans.tasks`; examples generated on the fly, loss on the answer; `--seq-len
+192,384` is a length curriculum with the steps split evenly) or your own text (`--train-file`, `--dataset`;
+packed into `--seq-len` sequences, loss on every token). Every `TrainingArguments` field is a flag as well
+(`--gradient-accumulation-steps`, `--bf16`, `--activation-checkpointing`, `--lr-scheduler-type`, ...), with this
+command's defaults shown by `--help`. At the end the output folder holds `model.safetensors`, `config.json`, the
+tokenizer and `training_summary.json`. A folder that already holds a run is refused unless `--resume` or
+`--overwrite-output-dir` says what to do with it. Runs as it is under `torchrun` / `accelerate launch`.
 """
 
+from __future__ import annotations
+
+import argparse
 import json
 import os
 import time
+from dataclasses import dataclass, field, fields
+from typing import Literal
 
-from ..cli import CommandError
+from . import CommandError
 
 DEFAULT_PRESET = "small"
 DEFAULT_TASK = "passkey"
-SUMMARY_NAME = "training_summary.json"
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "a saved model to continue training (fine-tuning); its config and tokenizer are used"},
+    )
+    preset: str | None = field(
+        default=None,
+        metadata={"help": f"named configuration of a new model (default {DEFAULT_PRESET}): tiny, small, demo, 170m, ..."},
+    )
+    variant: str | None = field(default=None, metadata={"help": "mac, mag, mal or lmm (default: the preset's)"})
+    config: str | None = field(default=None, metadata={"help": "a config.json for a new model instead of a preset"})
+    tokenizer: str | None = field(
+        default=None, metadata={"help": "a saved tokenizer for a new model (default: the byte-level tokenizer)"}
+    )
+
+
+@dataclass
+class DataArguments:
+    task: str | None = field(default=None, metadata={"help": f"built-in task: passkey, recall or babi (default {DEFAULT_TASK})"})
+    needle_distance: int | None = field(default=None, metadata={"help": "task needle distance in tokens (default: random)"})
+    loss_on: Literal["answer", "all"] = field(default="answer", metadata={"help": "task tokens with loss"})
+    eval_examples: int = field(default=32, metadata={"help": "task validation examples"})
+    train_file: list[str] = field(default_factory=list, metadata={"help": "text files: .txt (one document) or .jsonl"})
+    dataset: str | None = field(default=None, metadata={"help": "a folder written by Dataset.save_to_disk, or a Hub name"})
+    text_column: str = field(default="text", metadata={"help": "text field of .jsonl files and datasets"})
+    seq_len: str = field(
+        default="256", metadata={"help": "tokens per training sequence; for a task, comma-separated phases (192,384)"}
+    )
+
+
+@dataclass
+class RunArguments:
+    resume: bool = field(default=False, metadata={"help": "continue from the newest complete checkpoint in --output-dir"})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "delete a run already in --output-dir first"})
+
+
+def training_defaults() -> dict:
+    """This command's defaults for `TrainingArguments` fields (the rest keep transformers' defaults)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return dict(
+        output_dir=None,  # required (checked after parsing)
+        max_steps=1000,
+        learning_rate=1e-3,
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=8,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.05,  # below 1: a fraction of max_steps
+        eval_strategy="steps",
+        eval_steps=0.1,
+        save_strategy="steps",
+        save_steps=0.1,
+        save_total_limit=2,
+        logging_steps=0.01,  # below 1: a fraction of max_steps
+        logging_first_step=True,
+        prediction_loss_only=True,  # keeping the eval logits would cost batch x seq x vocab floats per step
+        report_to="none",
+        dataloader_num_workers=0,
+        dataloader_pin_memory=cuda,
+        # Without a GPU, accelerate runs gloo DDP under torchrun only when told to use the CPU; otherwise every
+        # process would train alone and all of them would write the output folder.
+        use_cpu=not cuda,
+    )
 
 
 def add_parser(subparsers):
+    from transformers import HfArgumentParser, TrainingArguments
+
+    arguments = HfArgumentParser((ModelArguments, DataArguments, RunArguments, TrainingArguments), add_help=False)
     parser = subparsers.add_parser(
         "train",
-        help="train a Titans model on a built-in long-context task or on your own text",
+        parents=[arguments],
+        help="train or fine-tune a Titans model on a built-in long-context task or on your own text",
         description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    model = parser.add_argument_group("model")
-    model.add_argument("--preset", help=f"named configuration (default: {DEFAULT_PRESET}), e.g. tiny, small, 170m")
-    model.add_argument("--variant", help="mac, mag, mal or lmm (default: the preset's)")
-    model.add_argument("--config", metavar="FILE", help="a config.json to train from scratch instead of a preset")
-    model.add_argument("--tokenizer", metavar="DIR", help="a saved tokenizer (default: the byte-level tokenizer)")
-    data = parser.add_argument_group("data")
-    data.add_argument("--task", help=f"built-in task: passkey, recall or babi (default: {DEFAULT_TASK})")
-    data.add_argument("--needle-distance", type=int, help="task needle distance in tokens (default: random)")
-    data.add_argument("--loss-on", choices=("answer", "all"), default="answer", help="task tokens with loss")
-    data.add_argument("--eval-examples", type=int, default=32, help="task validation examples (default: 32)")
-    data.add_argument("--train-file", action="append", default=[], metavar="FILE", help=".txt/.jsonl, repeatable")
-    data.add_argument("--dataset", help="a folder written by Dataset.save_to_disk, or a Hub dataset name")
-    data.add_argument("--text-column", default="text", help="text field of .jsonl files and datasets")
-    training = parser.add_argument_group("training")
-    training.add_argument("--output-dir", required=True, metavar="DIR")
-    training.add_argument("--max-steps", type=int, default=1000)
-    training.add_argument("--learning-rate", type=float, default=1e-3)
-    training.add_argument("--batch-size", type=int, default=8, help="sequences per step and device")
-    training.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence")
-    training.add_argument("--eval-steps", type=int, help="steps between eval losses (default: max-steps / 10, >= 10)")
-    training.add_argument("--save-steps", type=int, help="steps between checkpoints (default: eval-steps)")
-    training.add_argument("--warmup-steps", type=int, help="linear warmup (default: 5%% of max-steps)")
-    training.add_argument("--resume", action="store_true", help="continue from the last checkpoint in DIR")
-    training.add_argument("--seed", type=int, default=0)
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, **training_defaults())
+
+
+def split_arguments(args):
+    """The parsed namespace as (ModelArguments, DataArguments, RunArguments, TrainingArguments)."""
+    from transformers import TrainingArguments
+
+    def build(cls):
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if f.init and hasattr(args, f.name)})
+
+    if args.output_dir is None:
+        raise CommandError("--output-dir is required.")
+    try:
+        return build(ModelArguments), build(DataArguments), build(RunArguments), build(TrainingArguments)
+    except ValueError as error:  # TrainingArguments refuses inconsistent settings in its __post_init__
+        raise CommandError(str(error).strip().splitlines()[0]) from error
 
 
 def run(args) -> int:
-    check_arguments(args)
-    checkpoint = find_checkpoint(args.output_dir) if args.resume else None
+    model_args, data_args, run_args, training_args = split_arguments(args)
+    seq_lens = check_arguments(model_args, data_args, training_args)
 
-    import torch
-    from transformers import Trainer, TrainingArguments, default_data_collator, set_seed
+    from transformers import set_seed
 
-    from modeling_titans import TitansForCausalLM
+    from ..training import prepare_output_dir, train, training_summary
 
-    training_args = TrainingArguments(
-        output_dir=args.output_dir,
-        max_steps=args.max_steps,
-        per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=args.warmup_steps,
-        max_grad_norm=1.0,
-        eval_strategy="steps",
-        eval_steps=args.eval_steps,
-        prediction_loss_only=True,  # keeping the eval logits would cost batch x seq x vocab floats per step
-        save_strategy="steps",
-        save_steps=args.save_steps,
-        save_total_limit=2,
-        logging_steps=max(1, min(50, args.eval_steps // 5)),
-        logging_first_step=True,
-        report_to="none",
-        seed=args.seed,
-        # Task examples are independent random draws: read in order, step n sees the same examples whatever
-        # --max-steps is. Packed text is shuffled.
-        train_sampling_strategy="sequential" if args.task else "random",
-        dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        # Without a GPU, accelerate runs gloo DDP under torchrun only when told to use the CPU; otherwise every
-        # process would train alone and all of them would write the output folder.
-        use_cpu=not torch.cuda.is_available(),
+    # Every process checks the folder (and raises alike); only the main process deletes a run it may replace.
+    checkpoint = prepare_output_dir(
+        training_args.output_dir,
+        training_args.resume_from_checkpoint or run_args.resume,
+        run_args.overwrite_output_dir,
+        delete=training_args.process_index == 0,
     )
-    tokenizer = load_tokenizer(checkpoint or args.tokenizer)
-    config = model_config(args, checkpoint, tokenizer)
-    if args.seq_len > config.max_position_embeddings:
+    if checkpoint is not None:
+        print(f"Resuming from {checkpoint} (its model configuration and tokenizer are used).")
+
+    tokenizer = load_tokenizer(checkpoint or model_args.model_name_or_path or model_args.tokenizer)
+    set_seed(training_args.seed)
+    model = build_model(model_args, checkpoint, tokenizer)
+    if max(seq_lens) > model.config.max_position_embeddings:
         raise CommandError(
-            f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings={config.max_position_embeddings}."
+            f"--seq-len {max(seq_lens)} exceeds the model's max_position_embeddings={model.config.max_position_embeddings}."
         )
-    train_dataset, eval_dataset, data_summary = build_datasets(args, tokenizer, training_args)
+    train_dataset, eval_dataset, data_summary = build_datasets(data_args, seq_lens, tokenizer, training_args)
 
-    set_seed(args.seed)
-    model = TitansForCausalLM(config)
-    trainer = Trainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-        data_collator=default_data_collator,
-    )
     started = time.time()
-    trainer.train(resume_from_checkpoint=checkpoint)
-    evaluated_steps = [step for step, _ in eval_losses(trainer.state.log_history)]
-    if trainer.state.global_step not in evaluated_steps:
-        trainer.evaluate()  # the eval curve ends with the final model
-    model.config.use_cache = True  # the Trainer turns the cache off for training; generate() wants it on
-    trainer.save_model(args.output_dir)
+    trainer = train(model, tokenizer, train_dataset, eval_dataset, training_args, resume_from_checkpoint=checkpoint)
+    trainer.save_model(training_args.output_dir)
     if trainer.is_world_process_zero():
-        summary = training_summary(args, model, trainer, data_summary, checkpoint, time.time() - started)
-        with open(os.path.join(args.output_dir, SUMMARY_NAME), "w") as f:
+        settings = {
+            "model": {
+                "preset": None if model_args.config or model_args.model_name_or_path or checkpoint else model_args.preset or DEFAULT_PRESET,
+                "config_file": model_args.config,
+                "initialised_from": model_args.model_name_or_path,
+            },
+            "training": {"seq_len": seq_lens[0] if len(seq_lens) == 1 else seq_lens, "resumed_from": os.path.basename(checkpoint) if checkpoint else None},
+        }
+        summary = training_summary(model, trainer, settings, data_summary, time.time() - started)
+        with open(os.path.join(training_args.output_dir, "training_summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
-        print(f"Saved the model to {args.output_dir} (eval loss {summary['metrics']['final_eval_loss']:.4f}).")
+        print(f"Saved the model to {training_args.output_dir} (eval loss {summary['metrics']['final_eval_loss']:.4f}).")
+    import torch
+
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # Under torchrun / accelerate: every rank waits for rank 0's files, then the process group is torn down
         # before exit (left to the interpreter's exit, gloo's threads could abort a rank: "terminate called ...").
@@ -135,49 +179,53 @@ def run(args) -> int:
     return 0
 
 
-def check_arguments(args):
-    """Fills in defaults and rejects what cannot run, before anything heavy is imported."""
-    from modeling_titans.tasks import TASKS, minimum_length
+def check_arguments(model_args, data_args, training_args) -> list[int]:
+    """The training sequence length(s); CommandError for settings that cannot run, before any heavy work."""
+    from ..tasks import TASKS, minimum_length
 
-    for flag in ("max_steps", "batch_size", "eval_steps", "save_steps", "eval_examples"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise CommandError(f"--{flag.replace('_', '-')} {value}: must be at least 1.")
-    if args.seq_len < 2:
-        raise CommandError(f"--seq-len {args.seq_len}: a training sequence needs at least 2 tokens.")
-    if args.learning_rate <= 0:
-        raise CommandError(f"--learning-rate {args.learning_rate}: must be positive.")
-    if args.preset and args.config:
-        raise CommandError("Give --preset or --config, not both.")
-    if args.task and (args.train_file or args.dataset):
+    if training_args.max_steps < 1:
+        raise CommandError(f"--max-steps {training_args.max_steps}: must be at least 1.")
+    if data_args.eval_examples < 1:
+        raise CommandError(f"--eval-examples {data_args.eval_examples}: must be at least 1.")
+    if training_args.learning_rate <= 0:
+        raise CommandError(f"--learning-rate {training_args.learning_rate}: must be positive.")
+    sources = [flag for flag, value in (("--preset", model_args.preset), ("--config", model_args.config),
+                                        ("--model-name-or-path", model_args.model_name_or_path)) if value]
+    if len(sources) > 1:
+        raise CommandError(f"Give one of --preset, --config and --model-name-or-path, not {' and '.join(sources)}.")
+    if model_args.model_name_or_path and (model_args.variant or model_args.tokenizer):
+        raise CommandError("--model-name-or-path brings its own variant and tokenizer; drop --variant / --tokenizer.")
+    if data_args.task and (data_args.train_file or data_args.dataset):
         raise CommandError("Give --task or your own text (--train-file / --dataset), not both.")
-    if not (args.train_file or args.dataset):
-        args.task = args.task or DEFAULT_TASK
-    if args.task:
-        if args.task not in TASKS:
-            raise CommandError(f"Unknown task {args.task!r}; available: {', '.join(TASKS)}.")
-        shortest = minimum_length(args.task) + 2  # + <s> and </s>
-        if args.seq_len < shortest:
-            raise CommandError(f"--seq-len {args.seq_len} is too short for the {args.task} task: use at least {shortest}.")
-    args.eval_steps = args.eval_steps or max(10, args.max_steps // 10)
-    args.save_steps = args.save_steps or args.eval_steps
-    args.warmup_steps = args.warmup_steps if args.warmup_steps is not None else args.max_steps // 20
-
-
-def find_checkpoint(output_dir: str) -> str:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    checkpoint = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-    if checkpoint is None:
-        raise CommandError(f"--resume: {output_dir} holds no checkpoint-N folder to resume from.")
-    print(f"Resuming from {checkpoint} (its model configuration and tokenizer are used).")
-    return checkpoint
+    if not (data_args.train_file or data_args.dataset):
+        data_args.task = data_args.task or DEFAULT_TASK
+    try:
+        seq_lens = [int(item) for item in data_args.seq_len.split(",") if item.strip()]
+    except ValueError:
+        raise CommandError(f"--seq-len {data_args.seq_len!r}: expected an integer (or, for a task, integers separated by commas).") from None
+    if not seq_lens or min(seq_lens) < 2:
+        raise CommandError(f"--seq-len {data_args.seq_len}: a training sequence needs at least 2 tokens.")
+    if len(seq_lens) > 1 and not data_args.task:
+        raise CommandError("--seq-len with several lengths (a curriculum) is for the built-in tasks only.")
+    if len(seq_lens) > training_args.max_steps:
+        raise CommandError(f"--max-steps {training_args.max_steps}: need at least one step per --seq-len phase.")
+    if data_args.task:
+        if data_args.task not in TASKS:
+            raise CommandError(f"Unknown task {data_args.task!r}; available: {', '.join(TASKS)}.")
+        shortest = minimum_length(data_args.task) + 2  # + <s> and </s>
+        if min(seq_lens) < shortest:
+            raise CommandError(
+                f"--seq-len {min(seq_lens)} is too short for the {data_args.task} task: use at least {shortest}."
+            )
+        # The curriculum depends on the order in which the examples are read.
+        training_args.train_sampling_strategy = "sequential"
+    return seq_lens
 
 
 def load_tokenizer(path: str | None):
     from transformers import AutoTokenizer
 
-    from modeling_titans.tokenization import TitansByteTokenizer
+    from ..tokenization import TitansByteTokenizer
 
     if path is None:
         return TitansByteTokenizer()
@@ -189,22 +237,30 @@ def load_tokenizer(path: str | None):
         raise CommandError(f"Cannot load a tokenizer from {path}: {str(error).splitlines()[0]}") from error
 
 
-def model_config(args, checkpoint: str | None, tokenizer):
-    """The checkpoint's configuration when resuming; else the preset's or the file's, with --variant applied and
-    the vocabulary and special tokens matched to the tokenizer."""
-    from modeling_titans import TitansConfig
+def build_model(model_args, checkpoint: str | None, tokenizer):
+    """The model to train: a fresh one from a preset or config file (vocabulary and special tokens matched to the
+    tokenizer), or the saved model of --model-name-or-path. When resuming, the checkpoint's configuration is used
+    (its weights come from the Trainer's resume)."""
+    from ..checkpoints import CheckpointError, check_checkpoint
+    from ..configuration import TitansConfig
+    from ..modeling import TitansForCausalLM
 
-    if checkpoint is not None:
-        return TitansConfig.from_pretrained(checkpoint)
-    variant = {"variant": args.variant, "mixer_types": None} if args.variant else {}
+    if model_args.model_name_or_path and checkpoint is None:
+        check_checkpoint(model_args.model_name_or_path)
+        return TitansForCausalLM.from_pretrained(model_args.model_name_or_path)
     try:
-        if args.config:
-            if not os.path.isfile(args.config):
-                raise CommandError(f"No such config file: {args.config}")
-            config = TitansConfig.from_dict({**TitansConfig.get_config_dict(args.config)[0], **variant})
+        if checkpoint is not None:
+            return TitansForCausalLM(check_checkpoint(checkpoint))
+        variant = {"variant": model_args.variant, "mixer_types": None} if model_args.variant else {}
+        if model_args.config:
+            if not os.path.isfile(model_args.config):
+                raise CommandError(f"No such config file: {model_args.config}")
+            config = TitansConfig.from_dict({**TitansConfig.get_config_dict(model_args.config)[0], **variant})
         else:
-            config = TitansConfig.from_preset(args.preset or DEFAULT_PRESET, **variant)
+            config = TitansConfig.from_preset(model_args.preset or DEFAULT_PRESET, **variant)
     except (OSError, ValueError) as error:  # unknown preset, unreadable file, a field out of range
+        if isinstance(error, (CheckpointError, CommandError)):
+            raise
         raise CommandError(str(error).splitlines()[0]) from error
     if config.vocab_size != len(tokenizer):
         print(f"Note: vocab_size {config.vocab_size} -> {len(tokenizer)} to match the tokenizer.")
@@ -214,86 +270,39 @@ def model_config(args, checkpoint: str | None, tokenizer):
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
     }
-    return TitansConfig.from_dict({**config.to_dict(), **special})
+    return TitansForCausalLM(TitansConfig.from_dict({**config.to_dict(), **special}))
 
 
-def build_datasets(args, tokenizer, training_args):
+def build_datasets(data_args, seq_lens, tokenizer, training_args):
     """(train, eval, description for the summary)."""
-    from modeling_titans.data import DataError, TaskDataset, hold_out, load_text_dataset, pack_dataset
+    from ..data import TaskDataset
+    from ..training import phase_steps, task_curriculum, text_datasets
 
-    try:
-        if args.task:
-            examples_per_step = args.batch_size * training_args.world_size
-            common = dict(
-                task=args.task,
-                seq_len=args.seq_len,
-                tokenizer=tokenizer,
-                seed=args.seed,
-                needle_distance=args.needle_distance,
-                loss_on=args.loss_on,
-            )
-            train = TaskDataset(split="train", num_examples=args.max_steps * examples_per_step, **common)
-            evaluation = TaskDataset(split="validation", num_examples=args.eval_examples, **common)
-            summary = {
-                "task": args.task,
-                "train_examples": len(train),
-                "eval_examples": len(evaluation),
-                "eval_split": "validation",
-                "example_chars": args.seq_len - 2,
-                "needle_distance": args.needle_distance if args.needle_distance is not None else "random",
-                "loss_on": args.loss_on,
-            }
-            return train, evaluation, summary
+    if not data_args.task:
         with training_args.main_process_first(desc="tokenizing the training text"):  # rank 0 fills the cache
-            texts = load_text_dataset(args.train_file, args.dataset, args.text_column)
-            train, evaluation = hold_out(pack_dataset(texts, tokenizer, args.seq_len), 0.05, args.seed)
-        summary = {
-            "train_files": args.train_file,
-            "dataset": args.dataset,
-            "documents": len(texts),
-            "train_sequences": len(train),
-            "eval_sequences": len(evaluation),
-            "loss_on": "all",
-        }
-        return train, evaluation, summary
-    except ValueError as error:  # DataError, or a needle distance the length cannot take
-        message = str(error).splitlines()[0]
-        raise CommandError(message if isinstance(error, DataError) else f"--needle-distance: {message}") from error
-
-
-def eval_losses(log_history: list[dict]) -> list[list]:
-    return [[entry["step"], entry["eval_loss"]] for entry in log_history if "eval_loss" in entry]
-
-
-def training_summary(args, model, trainer, data_summary, checkpoint, seconds) -> dict:
-    history = trainer.state.log_history
-    train_curve = [[entry["step"], entry["loss"]] for entry in history if "loss" in entry]
-    eval_curve = eval_losses(history)
-    steps = trainer.state.global_step
-    return {
-        "model": {
-            "preset": None if args.config or checkpoint else args.preset or DEFAULT_PRESET,
-            "config_file": args.config,
-            "variant": model.config.variant,
-            "num_parameters": model.num_parameters(),
-        },
-        "data": data_summary,
-        "training": {
-            "steps": steps,
-            "batch_size": args.batch_size,
-            "devices": trainer.args.world_size,
-            "seq_len": args.seq_len,
-            "tokens_seen": steps * args.batch_size * trainer.args.world_size * args.seq_len,
-            "learning_rate": args.learning_rate,
-            "lr_scheduler": "cosine",
-            "warmup_steps": args.warmup_steps,
-            "seed": args.seed,
-            "resumed_from": os.path.basename(checkpoint) if checkpoint else None,
-            "seconds_this_run": round(seconds, 1),
-        },
-        "metrics": {
-            "final_train_loss": train_curve[-1][1] if train_curve else None,
-            "final_eval_loss": eval_curve[-1][1] if eval_curve else None,
-        },
-        "loss_curve": {"train": train_curve, "eval": eval_curve},
+            return text_datasets(
+                data_args.train_file, data_args.dataset, data_args.text_column, tokenizer, seq_lens[0], training_args.seed
+            )
+    examples_per_step = (
+        training_args.per_device_train_batch_size * training_args.world_size * training_args.gradient_accumulation_steps
+    )
+    options = dict(needle_distance=data_args.needle_distance, loss_on=data_args.loss_on)
+    try:
+        train_data = task_curriculum(
+            [data_args.task], seq_lens, phase_steps(training_args.max_steps, len(seq_lens)), examples_per_step,
+            tokenizer, seed=training_args.seed, **options,
+        )
+        evaluation = TaskDataset(data_args.task, "validation", data_args.eval_examples, max(seq_lens), tokenizer,
+                                 seed=training_args.seed, **options)
+    except ValueError as error:  # a needle distance the length cannot take
+        raise CommandError(f"--needle-distance: {str(error).splitlines()[0]}") from error
+    summary = {
+        "task": data_args.task,
+        "train_examples": len(train_data),
+        "eval_examples": len(evaluation),
+        "eval_split": "validation",
+        "example_chars": [length - 2 for length in seq_lens],
+        "needle_distance": data_args.needle_distance if data_args.needle_distance is not None else "random",
+        "loss_on": data_args.loss_on,
     }
+    return train_data, evaluation, summary

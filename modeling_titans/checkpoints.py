@@ -1,5 +1,6 @@
-"""Checks that a folder holds a Titans checkpoint we can trust, before `titans export` reads it and before
-`titans push` uploads it.
+"""Checks that a folder holds a Titans checkpoint we can trust, and loads it: before `titans generate`,
+`titans eval` and `titans export` read a model, before `titans push` uploads one, and before `titans train
+--resume` continues from a checkpoint.
 
 transformers alone is lenient where a shared checkpoint should not be: a renamed or missing tensor only logs a
 warning and is silently re-initialised at random. Here each problem is one clear `CheckpointError`:
@@ -11,7 +12,8 @@ warning and is silently re-initialised at random. Here each problem is one clear
   missing, or an index that disagrees with the shards;
 - tensors that do not match the model the config describes: missing, unexpected or of the wrong shape (the
   model is built on the meta device, so this costs no memory).
-Changed tensor values with an intact header cannot be detected from the file alone; the Hub records every
+- weights that are not finite (NaN or inf), found after loading (`load_model_and_tokenizer`).
+Changed finite tensor values with an intact header cannot be detected from the file alone; the Hub records every
 weights file's SHA-256 on upload.
 """
 
@@ -21,7 +23,8 @@ import os
 import torch
 from safetensors import SafetensorError, safe_open
 
-from modeling_titans import TitansConfig, TitansForCausalLM
+from .configuration.configuration_titans import TitansConfig
+from .modeling import TitansForCausalLM, current_weight_name
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -31,7 +34,7 @@ MAX_NAMES_IN_MESSAGE = 5
 
 
 class CheckpointError(ValueError):
-    """A checkpoint folder that cannot be exported or pushed as it is; the message says why."""
+    """A checkpoint folder that cannot be loaded, exported or pushed as it is; the message says why."""
 
 
 def read_json(path: str) -> dict:
@@ -98,7 +101,10 @@ def check_weights(folder: str, config: TitansConfig):
                         raise CheckpointError(f"tensor {name} is stored twice: in {stored[name][1]} and {file_name}")
                     if weight_map is not None and weight_map.get(name) != file_name:
                         raise CheckpointError(f"{path} holds {name}, which {WEIGHTS_INDEX_NAME} places elsewhere")
-                    stored[name] = (tuple(weights.get_slice(name).get_shape()), file_name)
+                    stored[current_weight_name(name, config.titans_format_version)] = (
+                        tuple(weights.get_slice(name).get_shape()),
+                        file_name,
+                    )
         except SafetensorError as error:
             message = f"{path} is not a valid safetensors file (truncated or corrupted?): {error}"
             raise CheckpointError(message) from None
@@ -141,3 +147,53 @@ def _some(names) -> str:
     names = sorted(names)
     shown = ", ".join(names[:MAX_NAMES_IN_MESSAGE])
     return shown if len(names) <= MAX_NAMES_IN_MESSAGE else f"{shown} and {len(names) - MAX_NAMES_IN_MESSAGE} more"
+
+
+def check_finite(model, folder: str):
+    """CheckpointError naming the tensors of a loaded model that hold NaN or inf."""
+    broken = [name for name, tensor in model.state_dict().items() if not torch.isfinite(tensor).all()]
+    if broken:
+        raise CheckpointError(f"the weights in {folder} are not finite (NaN or inf): {_some(broken)}")
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """`device` as a torch.device, checked; None means cuda when available, else cpu."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:
+        raise CheckpointError(f"cannot use device {device!r}: {str(error).splitlines()[0]}") from None
+    return torch.device(device)
+
+
+def load_model_and_tokenizer(folder: str, device: str | None = None):
+    """The model (eval mode, on `device`; default cuda when available) and tokenizer saved in `folder`, through
+    the Auto classes.
+
+    A Titans checkpoint is checked first (`check_checkpoint`) and its weights must be finite; any other model
+    type loads as `AutoModelForCausalLM` does it (the benchmarks compare Titans with Llama). Every problem is a
+    CheckpointError with a one-line message."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    device = resolve_device(device)
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"No such model folder: {folder}")
+    config_dict = read_json(os.path.join(folder, CONFIG_NAME)) if os.path.isfile(os.path.join(folder, CONFIG_NAME)) else {}
+    try:
+        if config_dict.get("model_type") == TitansConfig.model_type or not config_dict:
+            check_checkpoint(folder)
+            model = TitansForCausalLM.from_pretrained(folder)
+        else:
+            AutoConfig.from_pretrained(folder)
+            model = AutoModelForCausalLM.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as error:
+        if isinstance(error, CheckpointError):
+            raise
+        raise CheckpointError(f"Cannot load the model in {folder}: {str(error).splitlines()[0]}") from None
+    check_finite(model, folder)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as error:
+        raise CheckpointError(f"Cannot load the tokenizer in {folder}: {str(error).splitlines()[0]}") from None
+    return model.to(device).eval(), tokenizer
