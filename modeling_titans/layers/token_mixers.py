@@ -100,10 +100,9 @@ class MemoryAndAttentionState:
     attention: AttentionKeys | None = None
 
 
-class MemoryAsLayer(TokenMixer):
-    """MAL (Sec. 4.3, Eqs. 29-31): a memory layer, then sliding-window attention over its output."""
+class SlidingWindowMixer(TokenMixer):
+    """The mixers whose attention sees a sliding window of `sliding_window` tokens (MAL, MAG)."""
 
-    description = "**MAL** (memory as a layer): a neural-memory layer followed by sliding-window attention"
     config_fields = ("sliding_window",)
     has_attention = True
 
@@ -113,8 +112,17 @@ class MemoryAsLayer(TokenMixer):
 
     def __init__(self, config, layer_idx: int):
         super().__init__(config, layer_idx)
-        self.attention_layernorm = TitansRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.self_attn = SlidingWindowAttention(config, layer_idx)
+
+
+class MemoryAsLayer(SlidingWindowMixer):
+    """MAL (Sec. 4.3, Eqs. 29-31): a memory layer, then sliding-window attention over its output."""
+
+    description = "**MAL** (memory as a layer): a neural-memory layer followed by sliding-window attention"
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.attention_layernorm = TitansRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def mix(self, hidden_states, tokens, rotary, state: MemoryAndAttentionState | None, output_attentions):
         state = state or MemoryAndAttentionState()
@@ -126,7 +134,7 @@ class MemoryAsLayer(TokenMixer):
         return remembered + attended, weights, MemoryAndAttentionState(memory, attention)
 
 
-class MemoryAsGate(TokenMixer):
+class MemoryAsGate(SlidingWindowMixer):
     """MAG (Sec. 4.2, Eqs. 26-28): sliding-window attention and the memory read the same input; a non-linear
     gate combines them."""
 
@@ -134,16 +142,9 @@ class MemoryAsGate(TokenMixer):
         "**MAG** (memory as a gate): sliding-window attention and the neural memory read the same input and a "
         "gate combines them"
     )
-    config_fields = ("sliding_window",)
-    has_attention = True
-
-    @classmethod
-    def attention_reach(cls, config) -> int:
-        return config.sliding_window
 
     def __init__(self, config, layer_idx: int):
         super().__init__(config, layer_idx)
-        self.self_attn = SlidingWindowAttention(config, layer_idx)
         self.output_gate = TitansOutputGate(config)
 
     def mix(self, hidden_states, tokens, rotary, state: MemoryAndAttentionState | None, output_attentions):
