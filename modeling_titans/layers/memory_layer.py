@@ -29,6 +29,12 @@ from .basics import TitansRMSNorm
 from .tokens import TokenInfo
 
 
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    """x / ||x|| over the last dim, in the memory's compute dtype: in fp16 the normalisation's 1e-12 floor
+    underflows to 0, and the zero vector of a pad would become 0 / 0 = NaN."""
+    return F.normalize(x.to(compute_dtype(x.dtype)), dim=-1)
+
+
 class TitansGate(nn.Linear):
     """Linear map to one gate logit per memory head; `bias_init` is the gate's initial value."""
 
@@ -134,8 +140,7 @@ class TitansNeuralMemory(nn.Module):
     def recall(self, weights, queries: torch.Tensor) -> torch.Tensor:
         """M*(q) without writing: queries (batch, T, hidden) are l2-normalised per head, read through `weights`
         (the fast weights of some earlier state) and merged back to (batch, T, hidden)."""
-        heads = F.normalize(self.split_heads(queries), dim=-1)
-        reads = self.network.read(weights, heads.to(weights[0].dtype))
+        reads = self.network.read(weights, l2_normalize(self.split_heads(queries)))
         return reads.transpose(1, 2).flatten(2).to(queries.dtype)
 
     def forward(self, x: torch.Tensor, tokens: TokenInfo, state: NeuralMemoryState | None):
@@ -149,7 +154,7 @@ class TitansNeuralMemory(nn.Module):
         if self.conv is not None:
             qkv, conv_tail = self.causal_conv(qkv, state.conv_tail, tokens)
         q, k, v = (self.split_heads(t) for t in F.silu(qkv).chunk(3, dim=-1))
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        q, k = l2_normalize(q), l2_normalize(k)
         log_retain, log_momentum, lr = self.gates(x)
         write_mask = None if tokens.all_valid else tokens.valid
         if seq_len == 1:
