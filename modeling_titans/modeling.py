@@ -123,8 +123,9 @@ class TitansModel(TitansPreTrainedModel):
         return self.embed_tokens
 
     def set_memory_writes(self, enabled: bool):
-        """Switches test-time learning on or off in every layer. Off, each memory stays at its learned M_0:
-        the model keeps only what attention sees (and M_0's fixed knowledge), which isolates what the memory adds."""
+        """Switches test-time learning on or off in every layer. Off, no token is written: each memory stays where
+        it stands (at its learned M_0 for a new sequence, or the state a cache holds) and every token reads it, so
+        the model keeps only what attention sees and what is already stored, which isolates what the memory adds."""
         for layer in self.layers:
             layer.mixer.memory.writes_enabled = enabled
 

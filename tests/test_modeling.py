@@ -4,6 +4,8 @@ gradients, bad inputs, hidden states / attention weights, save / load and the Au
 The op-level fidelity tests (naive paper reference vs the chunked memory) live in test_neural_memory.py.
 """
 
+import copy
+
 import pytest
 import torch
 from torch.func import functional_call
@@ -94,6 +96,37 @@ def test_switching_memory_writes_off_changes_the_output_and_back_on_restores_it(
     model.set_memory_writes(True)
     assert (learning - frozen).abs().max() > 1e-3
     torch.testing.assert_close(full_logits(model, input_ids), learning, rtol=0, atol=0)
+
+
+def memory_states(cache):
+    """Every layer's memory state (weights M_t, chunk-start weights M_t', momentum S_t) in a cache."""
+    return [getattr(layer.state, "memory", layer.state) for layer in cache.layers]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_memory_writes_off_leave_a_learned_state_untouched(variant):
+    """Switched off after a prefill, when the state already holds momentum: the memory neither moves nor forgets,
+    token by token or in a multi-token pass, and the reads use the weights the prefill left."""
+    model = tiny_model(variant)
+    input_ids = random_ids(2, 3 * SEGMENT)
+    prefill = SEGMENT  # a segment and chunk boundary, so the continuation can run as one pass
+    with torch.no_grad():
+        cache = TitansCache(model.config)
+        model(input_ids[:, :prefill], cache=cache)
+        before = memory_states(cache)
+        assert all(s.abs().max() > 0 for state in before for s in state.momentum)
+        model.set_memory_writes(False)
+        step_cache = copy.deepcopy(cache)
+        steps = [model(input_ids[:, t : t + 1], cache=step_cache).logits for t in range(prefill, input_ids.shape[1])]
+        stepped = torch.cat(steps, dim=1)
+        in_one_pass = model(input_ids[:, prefill:], cache=cache).logits
+        from_scratch = full_logits(model, input_ids)[:, prefill:]
+    for old, new in zip(before, memory_states(cache)):
+        for name in ("weights", "snapshot", "momentum"):
+            assert all(torch.equal(a, b) for a, b in zip(getattr(old, name), getattr(new, name))), name
+    torch.testing.assert_close(in_one_pass, stepped, rtol=0, atol=1e-4)
+    # The prefill's writes are read (not M_0's), so the continuation differs from a run that never wrote.
+    assert (in_one_pass - from_scratch).abs().max() > 1e-3
 
 
 # ----------------------------------------------------------------------------------------------------------------
