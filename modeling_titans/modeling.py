@@ -23,7 +23,7 @@ from .cache_titans import TitansCache
 from .configuration.configuration_titans import TITANS_FORMAT_VERSION, VARIANTS, TitansConfig
 from .layers.attention import TitansAttention
 from .layers.basics import TitansMLP, TitansRMSNorm, TitansRotaryEmbedding
-from .layers.memory_layer import CausalDepthwiseConv, MemoryProjection, TitansGate
+from .layers.memory_layer import MEMORY_GATES, CausalDepthwiseConv, MemoryProjection, TitansGate
 from .layers.token_mixers import TOKEN_MIXERS, block_size
 from .layers.tokens import TokenInfo, shift_rows
 from .ops.memory_network import MemoryInitialWeights
@@ -54,6 +54,7 @@ class TitansPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["TitansDecoderLayer"]
+    _keep_in_fp32_modules = list(MEMORY_GATES)  # loaded in fp16, the gates keep fp32 weights (they compute in fp32)
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_flex_attn = False

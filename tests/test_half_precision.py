@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from helpers import SEGMENT, VARIANTS, random_ids, tiny_model
-from modeling_titans import TitansCache
+from modeling_titans import TitansCache, TitansForCausalLM
 from modeling_titans.cache_titans import map_tensors
+from modeling_titans.layers.memory_layer import MEMORY_GATES
 
 HALF_DTYPES = [torch.float16, torch.bfloat16]
 LENGTHS = [SEGMENT + 5, 6, 2 * SEGMENT]  # pads: 3, 10 and 0 tokens
@@ -78,3 +79,17 @@ def test_padded_half_precision_generate_emits_real_tokens(variant, dtype, side):
     assert_state_finite(cache)
     if side == "left":  # (right padding: the first new token comes from a pad's logits, in Llama as well)
         assert (outputs.sequences[:, input_ids.shape[1] :] != model.config.pad_token_id).all()
+
+
+def test_loading_in_fp16_keeps_the_memory_gates_in_fp32(tmp_path):
+    tiny_model("mag").save_pretrained(tmp_path)
+    model = TitansForCausalLM.from_pretrained(tmp_path, dtype=torch.float16).eval()
+    for name, parameter in model.named_parameters():
+        is_gate = any(f".{gate}." in name for gate in MEMORY_GATES)
+        assert parameter.dtype == (torch.float32 if is_gate else torch.float16), name
+    input_ids, attention_mask = padded_batch(model.config.pad_token_id, "left")
+    with torch.no_grad():
+        logits = model(input_ids, attention_mask=attention_mask).logits
+        expected = tiny_model("mag")(input_ids, attention_mask=attention_mask).logits
+    real = attention_mask.bool()
+    assert (logits[real].float() - expected[real]).abs().max() < 0.1

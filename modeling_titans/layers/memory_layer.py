@@ -35,12 +35,25 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.to(compute_dtype(x.dtype)), dim=-1)
 
 
+# The memory's gate modules: alpha_t, eta_t and theta_t / theta_max. Their weights stay in fp32 when a checkpoint
+# is loaded in fp16 (`TitansPreTrainedModel._keep_in_fp32_modules`).
+MEMORY_GATES = ("forget_gate", "momentum_gate", "lr_gate")
+
+
 class TitansGate(nn.Linear):
-    """Linear map to one gate logit per memory head; `bias_init` is the gate's initial value."""
+    """Linear map to one gate logit per memory head; `bias_init` is the gate's initial value.
+
+    The logits are computed in fp32 whatever the dtype of the input and of the weights (fp64 for fp64 inputs):
+    the gates decide how much every token moves the memory, which runs in fp32 too. An adapter (PEFT's LoRA)
+    wraps this forward like that of any linear layer, and merging it changes `weight` alone."""
 
     def __init__(self, hidden_size: int, num_heads: int, initial_value: float):
         super().__init__(hidden_size, num_heads)
         self.bias_init = math.log(initial_value / (1 - initial_value))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = compute_dtype(x.dtype)
+        return F.linear(x.to(dtype), self.weight.to(dtype), self.bias.to(dtype))
 
 
 class MemoryProjection(nn.Linear):
@@ -124,10 +137,10 @@ class TitansNeuralMemory(nn.Module):
 
     def gates(self, x: torch.Tensor):
         """log(1 - alpha_t), log(eta_t) (None without momentum) and theta_t, each (batch, heads, T), in fp32."""
-        x = x.to(compute_dtype(x.dtype))
+        x = x.to(compute_dtype(x.dtype))  # an adapter on a gate sees the fp32 input too
 
         def logits(gate):  # (batch, heads, T)
-            return F.linear(x, gate.weight.to(x.dtype), gate.bias.to(x.dtype)).transpose(1, 2)
+            return gate(x).transpose(1, 2)
 
         zeros = x.new_zeros(x.shape[0], self.num_heads, x.shape[1])
         log_retain = zeros if self.forget_gate is None else F.logsigmoid(-logits(self.forget_gate))
