@@ -165,6 +165,8 @@ class TitansModel(TitansPreTrainedModel):
                 f"Titans keeps its neural memory in a TitansCache, got {type(cache).__name__}; pass "
                 "`cache=TitansCache(model.config)` or let generate() create one."
             )
+        if cache is not None:
+            cache.check_model(self.config)
         if use_cache and cache is None:
             cache = TitansCache(self.config)
         if output_attentions and self.config._attn_implementation != "eager":
@@ -339,6 +341,7 @@ class TitansForCausalLM(TitansPreTrainedModel, GenerationMixin):
         if user_cache is not None:
             if not isinstance(user_cache, TitansCache):
                 raise TypeError(f"Titans generates with a TitansCache, got {type(user_cache).__name__}.")
+            user_cache.check_model(self.config)
             model_kwargs["cache"] = user_cache
             user_cache._is_user_defined = True
             return
@@ -350,6 +353,19 @@ class TitansForCausalLM(TitansPreTrainedModel, GenerationMixin):
         if generation_config.use_cache is False:
             return
         model_kwargs["cache"] = TitansCache(self.config)
+
+    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, **kwargs):
+        """GenerationMixin's, refusing a passed-in cache that has consumed as many input columns as `input_ids` has,
+        or more: generate() feeds the columns after the cached ones, and with none left it would feed the whole
+        input again (the memory would learn the prompt twice)."""
+        if next_sequence_length is not None and next_sequence_length <= 0:
+            consumed = input_ids.shape[1] - next_sequence_length
+            raise ValueError(
+                f"The TitansCache passed to generate() has already consumed {consumed} input columns, and input_ids "
+                f"has {input_ids.shape[1]}: continue with the columns it consumed followed by at least one new token "
+                "(e.g. the sequences a previous generate() returned), or pass a new TitansCache."
+            )
+        return super().prepare_inputs_for_generation(input_ids, next_sequence_length=next_sequence_length, **kwargs)
 
 
 # Format 1 kept the token mixer's modules directly in the decoder layer and M_0 in the memory module itself.
