@@ -2,8 +2,8 @@
 the `PreTrainedModel` plumbing. The blocks' token mixers live in `layers/token_mixers.py` (one class per kind,
 chosen per layer by `config.mixer_types`), the neural memory's math in `ops/`.
 
-Padding: inside the model every row is "compacted" so that its real tokens start at column 0 of the new input;
-positions count real tokens only, and pads never write into the memory nor take attention (`layers/tokens.py`).
+Padding: inside the model every row is "packed" so that its real tokens come first, pads after them; positions
+count real tokens only, and pads never write into the memory nor take attention (`layers/tokens.py`).
 """
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ import os
 import re
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.utils import can_return_tuple
+from transformers.utils import can_return_tuple, logging
 
 from .cache_titans import TitansCache
 from .configuration.configuration_titans import TITANS_FORMAT_VERSION, VARIANTS, TitansConfig
@@ -25,9 +26,10 @@ from .layers.attention import TitansAttention
 from .layers.basics import TitansMLP, TitansRMSNorm, TitansRotaryEmbedding
 from .layers.memory_layer import MEMORY_GATES, CausalDepthwiseConv, MemoryProjection, TitansGate
 from .layers.token_mixers import TOKEN_MIXERS, block_size
-from .layers.tokens import TokenInfo, shift_rows
+from .layers.tokens import RowPacking, TokenInfo
 from .ops.memory_network import MemoryInitialWeights
 
+logger = logging.get_logger(__name__)
 
 class TitansDecoderLayer(GradientCheckpointingLayer):
     """One block: the layer's token mixer (kind `config.mixer_types[layer_idx]`), then the SwiGLU MLP."""
@@ -147,8 +149,15 @@ class TitansModel(TitansPreTrainedModel):
         past_key_values: TitansCache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
-        """Runs the decoder stack. `attention_mask` (batch, cached + new tokens) marks real tokens with 1 (left or
-        right padding); `cache` (alias `past_key_values`) is a TitansCache to continue and update."""
+        """Runs the decoder stack. `attention_mask` (batch, cached + new tokens) marks real tokens with 1 (pads
+        anywhere: left, right, or between real tokens); `cache` (alias `past_key_values`) is a TitansCache to
+        continue and update.
+
+        `output_attentions` (eager attention only; otherwise a warning and no weights, as in Llama): one tensor
+        per attention layer, (batch, heads, T, P + K), T the new tokens in input order, the key axis holding the
+        P persistent tokens first and then K columns aligned with the input columns so far (cached ones
+        included): one per column, or for MAC two, the retrieved memory token h_c then the token x_c. Pads,
+        as queries or keys, and keys out of reach have weight 0."""
         cache = cache if cache is not None else past_key_values
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         output_hidden_states = (
@@ -170,10 +179,11 @@ class TitansModel(TitansPreTrainedModel):
         if use_cache and cache is None:
             cache = TitansCache(self.config)
         if output_attentions and self.config._attn_implementation != "eager":
-            raise ValueError(
-                f"output_attentions needs the eager attention (got attn_implementation="
-                f"{self.config._attn_implementation!r}); load the model with attn_implementation=\"eager\"."
+            logger.warning_once(
+                f"{self.config._attn_implementation!r} attention does not return attention weights "
+                "(output_attentions=True); load the model with attn_implementation=\"eager\" to get them."
             )
+        return_weights = output_attentions and self.config._attn_implementation == "eager"
 
         batch_size, seq_len, _ = inputs_embeds.shape
         past_positions = cache.num_positions if cache is not None else 0
@@ -187,28 +197,37 @@ class TitansModel(TitansPreTrainedModel):
         if seq_len > 1 and bool((seen % self.block_size != 0).any()):
             # Some row stands inside a chunk or segment: the parallel forms assume each row starts on a boundary.
             # Continue token by token, which is exact (the same math the decoding step uses).
-            return self.forward_token_by_token(inputs_embeds, new_mask, position_ids, cache, output_hidden_states)
+            return self.forward_token_by_token(
+                inputs_embeds, new_mask, position_ids, cache, output_attentions, output_hidden_states
+            )
 
-        # Compact layout: each row's real tokens first (left padding moves to the end).
-        offsets = (~new_mask).long().argmin(dim=1) * new_mask.any(dim=1)  # first real column per row
-        hidden_states = shift_rows(inputs_embeds, -offsets)
-        valid = shift_rows(new_mask, -offsets)
-        positions = seen[:, None] + torch.arange(seq_len, device=seen.device)
-        tokens = TokenInfo(positions=positions, valid=valid, seen=seen, all_valid=bool(new_mask.all()))
-        rope_positions = positions if position_ids is None else shift_rows(position_ids.expand(batch_size, -1), -offsets)
+        # Packed layout: each row's real tokens first, its pads after them.
+        packing = RowPacking(new_mask)
+        hidden_states = packing.pack(inputs_embeds)
+        columns = torch.arange(seq_len, device=seen.device).expand(batch_size, -1)
+        positions = seen[:, None] + columns
+        tokens = TokenInfo(
+            positions=positions,
+            valid=packing.valid,
+            seen=seen,
+            all_valid=bool(new_mask.all()),
+            columns=past_positions + (columns if packing.order is None else packing.order),
+            num_columns=past_positions + seq_len,
+        )
+        rope_positions = positions if position_ids is None else packing.pack(position_ids.expand(batch_size, -1))
         rotary = self.rotary_emb(hidden_states, rope_positions)
 
         all_hidden_states, all_attentions = [], []
         for layer_idx, decoder_layer in enumerate(self.layers):
             if output_hidden_states:
-                all_hidden_states.append(shift_rows(hidden_states, offsets))
+                all_hidden_states.append(packing.unpack(hidden_states))
             layer_cache = cache.layers[layer_idx] if cache is not None else None
             hidden_states, weights = decoder_layer(
-                hidden_states, tokens, rotary, cache=layer_cache, output_attentions=output_attentions
+                hidden_states, tokens, rotary, cache=layer_cache, output_attentions=return_weights
             )
-            if output_attentions:
-                all_attentions.append(weights)
-        hidden_states = shift_rows(self.norm(hidden_states), offsets)
+            if weights is not None:  # a layer without attention has none
+                all_attentions.append(packing.unpack(weights, dim=2))
+        hidden_states = packing.unpack(self.norm(hidden_states))
         if output_hidden_states:
             all_hidden_states.append(hidden_states)
         if cache is not None:
@@ -221,7 +240,9 @@ class TitansModel(TitansPreTrainedModel):
             attentions=tuple(all_attentions) if output_attentions else None,
         )
 
-    def forward_token_by_token(self, inputs_embeds, new_mask, position_ids, cache, output_hidden_states):
+    def forward_token_by_token(
+        self, inputs_embeds, new_mask, position_ids, cache, output_attentions, output_hidden_states
+    ):
         if not bool(new_mask.all()):
             raise ValueError(
                 "Padding inside a continuation is not supported: when continuing from a TitansCache, every new "
@@ -236,16 +257,23 @@ class TitansModel(TitansPreTrainedModel):
                     position_ids=step_positions,
                     cache=cache,
                     use_cache=True,
+                    output_attentions=output_attentions,
                     output_hidden_states=output_hidden_states,
                 )
             )
-        hidden_states = None
+        hidden_states = attentions = None
         if output_hidden_states:
             hidden_states = tuple(torch.cat(layer, dim=1) for layer in zip(*(s.hidden_states for s in steps)))
+        if output_attentions:  # each step's key axis ends at its own column: zeros for the later ones
+            attentions = tuple(
+                torch.cat([F.pad(w, (0, layer[-1].shape[-1] - w.shape[-1])) for w in layer], dim=2)
+                for layer in zip(*(s.attentions for s in steps))
+            )
         return BaseModelOutputWithPast(
             last_hidden_state=torch.cat([s.last_hidden_state for s in steps], dim=1),
             cache=cache,
             hidden_states=hidden_states,
+            attentions=attentions,
         )
 
     def check_token_ids(self, input_ids):
@@ -258,7 +286,7 @@ class TitansModel(TitansPreTrainedModel):
 
     @staticmethod
     def new_token_mask(attention_mask, batch_size, seq_len, past_positions, device):
-        """(batch, T) bool mask of the new tokens; real tokens of a row must be one contiguous run."""
+        """(batch, T) bool mask of the new tokens (pads anywhere: left, right, or between real tokens)."""
         if attention_mask is None:
             return torch.ones(batch_size, seq_len, dtype=torch.bool, device=device)
         expected = [(batch_size, past_positions + seq_len)]
@@ -269,14 +297,7 @@ class TitansModel(TitansPreTrainedModel):
                 f"attention_mask has shape {tuple(attention_mask.shape)}; expected a 2D 0/1 mask of shape "
                 f"{' or '.join(str(s) for s in expected)} (batch, cached + new tokens)."
             )
-        mask = attention_mask[:, -seq_len:].bool()
-        starts = mask.long().diff(dim=1, prepend=torch.zeros_like(mask[:, :1], dtype=torch.long)) == 1
-        if bool((starts.sum(dim=1) > 1).any()):
-            raise ValueError(
-                "attention_mask has padding between real tokens; Titans supports left or right padding only "
-                "(each row's real tokens must be contiguous)."
-            )
-        return mask
+        return attention_mask[:, -seq_len:].bool()
 
 
 class TitansForCausalLM(TitansPreTrainedModel, GenerationMixin):

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import CHUNK, SEGMENT, WINDOW, full_logits, prefill_then_decode, random_ids, tiny_config, tiny_model
-from modeling_titans import TitansConfig, TitansForCausalLM
+from modeling_titans import TitansCache, TitansConfig, TitansForCausalLM
 from modeling_titans.configuration.configuration_titans import TITANS_FORMAT_VERSION, VARIANTS
 from modeling_titans.layers.token_mixers import TOKEN_MIXERS, attention_reach, block_size, has_attention
 
@@ -81,3 +81,21 @@ def test_format_1_checkpoints_load_with_renamed_weights_and_the_same_logits(vari
     reloaded = TitansForCausalLM.from_pretrained(tmp_path).eval()
     assert reloaded.config.titans_format_version == TITANS_FORMAT_VERSION
     torch.testing.assert_close(full_logits(reloaded, expected["input_ids"]), full_logits(model, expected["input_ids"]))
+
+
+def test_hybrid_model_returns_the_attention_weights_of_its_attention_layers():
+    """A hybrid's LMM layers have no attention; its MAC layers two key columns per input column (the retrieved
+    token, then the token), also when a continuation from mid-segment runs token by token."""
+    config = tiny_config("mag", mixer_types=["lmm", "mac", "mag"], num_hidden_layers=3, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = TitansForCausalLM(config).eval()
+    input_ids = random_ids(2, SEGMENT + 6)
+    persistent = config.num_persistent_tokens
+    with torch.no_grad():
+        full = model(input_ids, output_attentions=True).attentions
+        cache = TitansCache(config)
+        model(input_ids[:, :5], cache=cache)
+        continued = model(input_ids[:, 5:], cache=cache, output_attentions=True).attentions
+    assert [w.shape[-1] for w in full] == [persistent + 2 * (SEGMENT + 6), persistent + SEGMENT + 6]
+    for weights, part in zip(full, continued):
+        torch.testing.assert_close(part, weights[:, :, 5:], rtol=0, atol=1e-5)

@@ -196,8 +196,6 @@ class MemoryAsContext(TokenMixer):
         self.output_gate = TitansOutputGate(config)
 
     def mix(self, hidden_states, tokens, rotary, state: MemoryAsContextState | None, output_attentions):
-        if output_attentions:
-            raise ValueError("output_attentions is not supported for the MAC variant (attention runs per segment).")
         x = self.input_layernorm(hidden_states)
         segment_size = self.config.segment_size
         state = state or MemoryAsContextState()
@@ -205,18 +203,21 @@ class MemoryAsContext(TokenMixer):
         segment_start = state.segment_start or memory.weights
         attention = state.attention
         cos, sin = rotary
-        outputs = []
+        outputs, weights = [], []
         for start in range(0, x.shape[1], segment_size):
             end = start + segment_size
             segment, segment_tokens = x[:, start:end], tokens.slice(start, end)
             retrieved = self.retrieve_o_proj(self.memory.recall(segment_start, self.retrieve_q_proj(segment)))
-            attended, _, attention = self.self_attn(
-                segment, segment_tokens, (cos[:, start:end], sin[:, start:end]), attention, memory_tokens=retrieved
+            attended, segment_weights, attention = self.self_attn(
+                segment, segment_tokens, (cos[:, start:end], sin[:, start:end]), attention,
+                memory_tokens=retrieved, output_attentions=output_attentions,
             )
             remembered, memory = self.memory(attended, segment_tokens, memory)
             outputs.append(self.output_gate(attended, remembered))
+            weights.append(segment_weights)
             segment_start = select_rows(segment_tokens.closes_block(segment_size), memory.weights, segment_start)
-        return torch.cat(outputs, dim=1), None, MemoryAsContextState(memory, attention, segment_start)
+        weights = torch.cat(weights, dim=2) if output_attentions else None
+        return torch.cat(outputs, dim=1), weights, MemoryAsContextState(memory, attention, segment_start)
 
 
 # The one table of block kinds: `TitansConfig.mixer_types` names an entry per layer.
