@@ -65,9 +65,11 @@ class TitansPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, refusing a checkpoint whose decoder layers do not match this model
-        (e.g. a MAG checkpoint loaded with a MAC config) instead of silently initialising the missing weights.
-        A local checkpoint of an older format has its weights renamed to the current layout as it loads."""
+        """`PreTrainedModel.from_pretrained`, refusing a checkpoint saved by a model of another structure (e.g. a
+        MAG checkpoint loaded with a MAC config, or with another depth) instead of silently initialising the
+        weights it lacks. Weights missing from a checkpoint of this very structure are reported as transformers
+        reports them for any model (the load report, `output_loading_info`). A local checkpoint of an older
+        format has its weights renamed to the current layout as it loads."""
         if kwargs.get("variant") in VARIANTS:
             raise ValueError(
                 f"from_pretrained(variant={kwargs['variant']!r}): `variant` there names a weights-file variant in "
@@ -77,19 +79,24 @@ class TitansPreTrainedModel(PreTrainedModel):
         source = pretrained_model_name_or_path
         legacy = legacy_checkpoint(source) if kwargs.get("state_dict") is None else None
         if legacy is not None:
-            config, kwargs["state_dict"] = legacy
-            kwargs.setdefault("config", config)
+            saved_config, kwargs["state_dict"] = legacy
+            kwargs.setdefault("config", saved_config)
             pretrained_model_name_or_path = None
+        else:
+            saved_config = checkpoint_config(source, kwargs)
         wants_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         model.config.titans_format_version = TITANS_FORMAT_VERSION  # saved again, it is in the current layout
-        mismatched = [k for k in (*info["missing_keys"], *info["unexpected_keys"]) if "layers." in k]
-        if mismatched:
-            raise ValueError(
-                f"The checkpoint at {source} does not fit this {model.config.variant!r}-variant "
-                f"Titans model: {len(mismatched)} layer weights are missing or unexpected (e.g. {mismatched[0]}). "
-                "A checkpoint of one variant or depth cannot be loaded as another."
-            )
+        if saved_config is not None:
+            expected, saved = layer_weight_names(model.config), layer_weight_names(saved_config)
+            if expected != saved:
+                raise ValueError(
+                    f"The checkpoint at {source} was saved by a Titans model of another structure (variant "
+                    f"{saved_config.variant!r}, mixer_types {saved_config.mixer_types}) than this one (variant "
+                    f"{model.config.variant!r}, mixer_types {model.config.mixer_types}): its decoder layers hold "
+                    f"other weights (e.g. layers.{min(expected ^ saved)}). A checkpoint of one variant, depth or "
+                    "ablation cannot be loaded as another."
+                )
         return (model, info) if wants_info else model
 
     @torch.no_grad()
@@ -387,6 +394,25 @@ class TitansForCausalLM(TitansPreTrainedModel, GenerationMixin):
                 "(e.g. the sequences a previous generate() returned), or pass a new TitansCache."
             )
         return super().prepare_inputs_for_generation(input_ids, next_sequence_length=next_sequence_length, **kwargs)
+
+
+def checkpoint_config(source, from_pretrained_kwargs) -> TitansConfig | None:
+    """The config saved with the checkpoint at `source` (a folder or a Hub id, found with the same download
+    settings as the weights), or None where there is none to read (weights passed as a state dict)."""
+    if source is None or from_pretrained_kwargs.get("state_dict") is not None:
+        return None
+    download = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
+    try:
+        return TitansConfig.from_pretrained(source, **{k: v for k, v in from_pretrained_kwargs.items() if k in download})
+    except OSError:
+        return None
+
+
+def layer_weight_names(config: TitansConfig) -> set[str]:
+    """Names of the weights the decoder layers of a model of `config` hold (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        layers = nn.ModuleList(TitansDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+    return set(layers.state_dict())
 
 
 # Format 1 kept the token mixer's modules directly in the decoder layer and M_0 in the memory module itself.
