@@ -403,7 +403,8 @@ def checkpoint_config(source, from_pretrained_kwargs) -> TitansConfig | None:
         return None
     download = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
     try:
-        return TitansConfig.from_pretrained(source, **{k: v for k, v in from_pretrained_kwargs.items() if k in download})
+        settings = {key: value for key, value in from_pretrained_kwargs.items() if key in download}
+        return TitansConfig.from_pretrained(source, **settings)
     except OSError:
         return None
 

@@ -17,8 +17,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from transformers.activations import ACT2FN
 
 from ..ops.memory_network import Weights
 from ..ops.neural_memory import select_rows
@@ -27,9 +27,6 @@ from .basics import TitansRMSNorm
 from .memory_layer import NeuralMemoryState, TitansNeuralMemory
 from .tokens import TokenInfo
 
-GATE_ACTIVATIONS = {"sigmoid": torch.sigmoid, "silu": F.silu, "tanh": torch.tanh}
-
-
 class TitansOutputGate(nn.Module):
     """o = W_O(RMSNorm_a(y) * sigma(RMSNorm_b(m))): the non-linear gate of MAG (Eq. 28) and MAC (Eq. 25)."""
 
@@ -37,7 +34,7 @@ class TitansOutputGate(nn.Module):
         super().__init__()
         self.attn_norm = TitansRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.memory_norm = TitansRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.activation = GATE_ACTIVATIONS[config.gate_activation]
+        self.activation = ACT2FN[config.gate_activation]
         self.gate_o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
 
     def forward(self, attended, remembered):
