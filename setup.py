@@ -18,6 +18,9 @@ REQUIRES = [
 ]
 PEFT = ["peft>=0.15"]
 PLOTS = ["matplotlib>=3.7"]
+TESTS = ["pytest"]
+# What the README's commands use: LoRA, plots, and the test suite (its command 2; CI installs exactly this).
+ALL = PEFT + PLOTS + TESTS
 
 setup(
     name="modeling-titans",
@@ -32,7 +35,7 @@ setup(
         "peft": PEFT,
         # titans-pytorch is only a point of comparison in benchmarks/, never a dependency of the model
         "bench": PLOTS + ["titans-pytorch>=0.5"],
-        "all": PEFT + PLOTS,
-        "test": ["pytest"] + PEFT + PLOTS,
+        "all": ALL,
+        "test": ALL,
     },
 )
