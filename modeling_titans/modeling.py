@@ -31,8 +31,9 @@ from .ops.memory_network import MemoryInitialWeights
 
 logger = logging.get_logger(__name__)
 
+
 class TitansDecoderLayer(GradientCheckpointingLayer):
-    """One block: the layer's token mixer (kind `config.mixer_types[layer_idx]`), then the SwiGLU MLP."""
+    """One block: the layer's token mixer (kind `config.mixer_types[layer_idx]`), then the gated MLP."""
 
     def __init__(self, config: TitansConfig, layer_idx: int):
         super().__init__()
@@ -402,8 +403,8 @@ def checkpoint_config(source, from_pretrained_kwargs) -> TitansConfig | None:
     if source is None or from_pretrained_kwargs.get("state_dict") is not None:
         return None
     download = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
+    settings = {key: value for key, value in from_pretrained_kwargs.items() if key in download}
     try:
-        settings = {key: value for key, value in from_pretrained_kwargs.items() if key in download}
         return TitansConfig.from_pretrained(source, **settings)
     except OSError:
         return None
