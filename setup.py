@@ -1,11 +1,10 @@
 """Titans for Hugging Face Transformers.
 
-One import name, `modeling_titans`. The top-level folders `configuration/` and `tokenization/` are
-installed as its subpackages `modeling_titans.configuration` and `modeling_titans.tokenization` (and `hub_upload/`
-as `modeling_titans.hub_upload`), so nothing with a generic name lands in site-packages.
+One import name, `modeling_titans`: the folder `modeling_titans/` is the whole package (its subpackages included),
+so nothing with a generic name lands in site-packages, and the source folder imports as it is installed.
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 # The `titans` command line trains with Trainer (accelerate) on `datasets` and trains tokenizers (tokenizers).
 REQUIRES = [
@@ -19,27 +18,16 @@ REQUIRES = [
 ]
 PEFT = ["peft>=0.15"]
 PLOTS = ["matplotlib>=3.7"]
+TESTS = ["pytest"]
+# What the README's commands use: LoRA, plots, and the test suite (its command 2; CI installs exactly this).
+ALL = PEFT + PLOTS + TESTS
 
 setup(
     name="modeling-titans",
     version="0.1.0",
     description="Titans (Learning to Memorize at Test Time) for Hugging Face Transformers",
     python_requires=">=3.10",
-    packages=[
-        "modeling_titans",
-        "modeling_titans.commands",
-        "modeling_titans.layers",
-        "modeling_titans.ops",
-        "modeling_titans.configuration",
-        "modeling_titans.tokenization",
-        "modeling_titans.hub_upload",
-    ],
-    package_dir={
-        "modeling_titans": "modeling_titans",
-        "modeling_titans.configuration": "configuration",
-        "modeling_titans.tokenization": "tokenization",
-        "modeling_titans.hub_upload": "hub_upload",
-    },
+    packages=find_packages(include=["modeling_titans", "modeling_titans.*"]),
     package_data={"modeling_titans.configuration": ["presets/*.json"]},
     install_requires=REQUIRES,
     entry_points={"console_scripts": ["titans = modeling_titans.cli:main"]},
@@ -47,7 +35,7 @@ setup(
         "peft": PEFT,
         # titans-pytorch is only a point of comparison in benchmarks/, never a dependency of the model
         "bench": PLOTS + ["titans-pytorch>=0.5"],
-        "all": PEFT + PLOTS,
-        "test": ["pytest"] + PEFT + PLOTS,
+        "all": ALL,
+        "test": ALL,
     },
 )

@@ -108,8 +108,7 @@ def module_runner(memory, length, hidden, device):
     from modeling_titans.layers.tokens import TokenInfo
 
     x = torch.randn(1, length, hidden, device=device, requires_grad=True)
-    positions = torch.arange(length, device=device)[None]
-    tokens = TokenInfo(positions, torch.ones(1, length, dtype=torch.bool, device=device), positions[:, 0], True)
+    tokens = TokenInfo.unpadded(1, length, device)
 
     def run():
         memory.zero_grad(set_to_none=True)

@@ -9,10 +9,14 @@ so the cache has the same size after 100 tokens and after 100,000.
 
 Per row the cache also counts the real tokens written so far: chunk and segment boundaries count from each
 row's own first real token, so a left-padded batch gives, row by row, what each prompt gives alone.
+
+A cache records the config fields that shape its state (`CACHE_CONFIG_FIELDS`) and is refused by a model that
+differs in any of them.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import torch
@@ -35,6 +39,31 @@ def map_tensors(value, fn):
     copy = object.__new__(type(value))
     copy.__dict__.update({name: map_tensors(item, fn) for name, item in vars(value).items()})
     return copy
+
+
+# The config fields that decide the layout and the meaning of a cache's state: the layers and their mixers, the
+# sizes of the memory, the convolution and the attention keys, and the chunk, segment and window boundaries.
+CACHE_CONFIG_FIELDS = (
+    "num_hidden_layers",
+    "mixer_types",
+    "hidden_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "memory_num_heads",
+    "memory_depth",
+    "memory_expansion",
+    "memory_chunk_size",
+    "segment_size",
+    "sliding_window",
+    "use_conv",
+    "conv_kernel_size",
+    "use_momentum",
+)
+
+
+def cache_layout(config) -> dict:
+    """The values of `CACHE_CONFIG_FIELDS` in `config` (lists copied, so later edits of the config do not move them)."""
+    return {field: copy.copy(getattr(config, field)) for field in CACHE_CONFIG_FIELDS}
 
 
 class TitansLayerCache:
@@ -87,8 +116,21 @@ class TitansCache(Cache):
 
     def __init__(self, config):
         super().__init__(layers=[TitansLayerCache() for _ in range(config.num_hidden_layers)])
+        self.layout = cache_layout(config)  # what the cache was built for (`check_model`)
         self.seen_tokens: torch.Tensor | None = None  # (batch,) real tokens written per row
         self.num_positions = 0  # input columns consumed, pads included (what generate() slices by)
+
+    def check_model(self, config):
+        """Raises a ValueError naming the differences if `config` is not a model this cache was built for."""
+        model_layout = cache_layout(config)
+        differences = [field for field in CACHE_CONFIG_FIELDS if self.layout[field] != model_layout[field]]
+        if differences:
+            built_for = ", ".join(f"{field}={self.layout[field]!r}" for field in differences)
+            model = ", ".join(f"{field}={model_layout[field]!r}" for field in differences)
+            raise ValueError(
+                f"This TitansCache was built for a different model ({built_for}) than this one ({model}); "
+                "create one with TitansCache(model.config)."
+            )
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.num_positions

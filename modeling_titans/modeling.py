@@ -2,8 +2,8 @@
 the `PreTrainedModel` plumbing. The blocks' token mixers live in `layers/token_mixers.py` (one class per kind,
 chosen per layer by `config.mixer_types`), the neural memory's math in `ops/`.
 
-Padding: inside the model every row is "compacted" so that its real tokens start at column 0 of the new input;
-positions count real tokens only, and pads never write into the memory nor take attention (`layers/tokens.py`).
+Padding: inside the model every row is "packed" so that its real tokens come first, pads after them; positions
+count real tokens only, and pads never write into the memory nor take attention (`layers/tokens.py`).
 """
 
 from __future__ import annotations
@@ -13,24 +13,27 @@ import os
 import re
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.utils import can_return_tuple
+from transformers.utils import can_return_tuple, logging
 
 from .cache_titans import TitansCache
 from .configuration.configuration_titans import TITANS_FORMAT_VERSION, VARIANTS, TitansConfig
 from .layers.attention import TitansAttention
 from .layers.basics import TitansMLP, TitansRMSNorm, TitansRotaryEmbedding
-from .layers.memory_layer import CausalDepthwiseConv, MemoryProjection, TitansGate
+from .layers.memory_layer import MEMORY_GATES, CausalDepthwiseConv, MemoryProjection, TitansGate
 from .layers.token_mixers import TOKEN_MIXERS, block_size
-from .layers.tokens import TokenInfo, shift_rows
+from .layers.tokens import RowPacking, TokenInfo
 from .ops.memory_network import MemoryInitialWeights
+
+logger = logging.get_logger(__name__)
 
 
 class TitansDecoderLayer(GradientCheckpointingLayer):
-    """One block: the layer's token mixer (kind `config.mixer_types[layer_idx]`), then the SwiGLU MLP."""
+    """One block: the layer's token mixer (kind `config.mixer_types[layer_idx]`), then the gated MLP."""
 
     def __init__(self, config: TitansConfig, layer_idx: int):
         super().__init__()
@@ -54,6 +57,7 @@ class TitansPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["TitansDecoderLayer"]
+    _keep_in_fp32_modules = list(MEMORY_GATES)  # loaded in fp16, the gates keep fp32 weights (they compute in fp32)
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_flex_attn = False
@@ -62,9 +66,11 @@ class TitansPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, refusing a checkpoint whose decoder layers do not match this model
-        (e.g. a MAG checkpoint loaded with a MAC config) instead of silently initialising the missing weights.
-        A local checkpoint of an older format has its weights renamed to the current layout as it loads."""
+        """`PreTrainedModel.from_pretrained`, refusing a checkpoint saved by a model of another structure (e.g. a
+        MAG checkpoint loaded with a MAC config, or with another depth) instead of silently initialising the
+        weights it lacks. Weights missing from a checkpoint of this very structure are reported as transformers
+        reports them for any model (the load report, `output_loading_info`). A local checkpoint of an older
+        format has its weights renamed to the current layout as it loads."""
         if kwargs.get("variant") in VARIANTS:
             raise ValueError(
                 f"from_pretrained(variant={kwargs['variant']!r}): `variant` there names a weights-file variant in "
@@ -74,19 +80,24 @@ class TitansPreTrainedModel(PreTrainedModel):
         source = pretrained_model_name_or_path
         legacy = legacy_checkpoint(source) if kwargs.get("state_dict") is None else None
         if legacy is not None:
-            config, kwargs["state_dict"] = legacy
-            kwargs.setdefault("config", config)
+            saved_config, kwargs["state_dict"] = legacy
+            kwargs.setdefault("config", saved_config)
             pretrained_model_name_or_path = None
+        else:
+            saved_config = checkpoint_config(source, kwargs)
         wants_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         model.config.titans_format_version = TITANS_FORMAT_VERSION  # saved again, it is in the current layout
-        mismatched = [k for k in (*info["missing_keys"], *info["unexpected_keys"]) if "layers." in k]
-        if mismatched:
-            raise ValueError(
-                f"The checkpoint at {source} does not fit this {model.config.variant!r}-variant "
-                f"Titans model: {len(mismatched)} layer weights are missing or unexpected (e.g. {mismatched[0]}). "
-                "A checkpoint of one variant or depth cannot be loaded as another."
-            )
+        if saved_config is not None:
+            expected, saved = layer_weight_names(model.config), layer_weight_names(saved_config)
+            if expected != saved:
+                raise ValueError(
+                    f"The checkpoint at {source} was saved by a Titans model of another structure (variant "
+                    f"{saved_config.variant!r}, mixer_types {saved_config.mixer_types}) than this one (variant "
+                    f"{model.config.variant!r}, mixer_types {model.config.mixer_types}): its decoder layers hold "
+                    f"other weights (e.g. layers.{min(expected ^ saved)}). A checkpoint of one variant, depth or "
+                    "ablation cannot be loaded as another."
+                )
         return (model, info) if wants_info else model
 
     @torch.no_grad()
@@ -123,8 +134,9 @@ class TitansModel(TitansPreTrainedModel):
         return self.embed_tokens
 
     def set_memory_writes(self, enabled: bool):
-        """Switches test-time learning on or off in every layer. Off, each memory stays at its learned M_0:
-        the model keeps only what attention sees (and M_0's fixed knowledge), which isolates what the memory adds."""
+        """Switches test-time learning on or off in every layer. Off, no token is written: each memory stays where
+        it stands (at its learned M_0 for a new sequence, or the state a cache holds) and every token reads it, so
+        the model keeps only what attention sees and what is already stored, which isolates what the memory adds."""
         for layer in self.layers:
             layer.mixer.memory.writes_enabled = enabled
 
@@ -145,8 +157,15 @@ class TitansModel(TitansPreTrainedModel):
         past_key_values: TitansCache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
-        """Runs the decoder stack. `attention_mask` (batch, cached + new tokens) marks real tokens with 1 (left or
-        right padding); `cache` (alias `past_key_values`) is a TitansCache to continue and update."""
+        """Runs the decoder stack. `attention_mask` (batch, cached + new tokens) marks real tokens with 1 (pads
+        anywhere: left, right, or between real tokens); `cache` (alias `past_key_values`) is a TitansCache to
+        continue and update.
+
+        `output_attentions` (eager attention only; otherwise a warning and no weights, as in Llama): one tensor
+        per attention layer, (batch, heads, T, P + K), T the new tokens in input order, the key axis holding the
+        P persistent tokens first and then K columns aligned with the input columns so far (cached ones
+        included): one per column, or for MAC two, the retrieved memory token h_c then the token x_c. Pads,
+        as queries or keys, and keys out of reach have weight 0."""
         cache = cache if cache is not None else past_key_values
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         output_hidden_states = (
@@ -163,13 +182,16 @@ class TitansModel(TitansPreTrainedModel):
                 f"Titans keeps its neural memory in a TitansCache, got {type(cache).__name__}; pass "
                 "`cache=TitansCache(model.config)` or let generate() create one."
             )
+        if cache is not None:
+            cache.check_model(self.config)
         if use_cache and cache is None:
             cache = TitansCache(self.config)
         if output_attentions and self.config._attn_implementation != "eager":
-            raise ValueError(
-                f"output_attentions needs the eager attention (got attn_implementation="
-                f"{self.config._attn_implementation!r}); load the model with attn_implementation=\"eager\"."
+            logger.warning_once(
+                f"{self.config._attn_implementation!r} attention does not return attention weights "
+                "(output_attentions=True); load the model with attn_implementation=\"eager\" to get them."
             )
+        return_weights = output_attentions and self.config._attn_implementation == "eager"
 
         batch_size, seq_len, _ = inputs_embeds.shape
         past_positions = cache.num_positions if cache is not None else 0
@@ -183,28 +205,37 @@ class TitansModel(TitansPreTrainedModel):
         if seq_len > 1 and bool((seen % self.block_size != 0).any()):
             # Some row stands inside a chunk or segment: the parallel forms assume each row starts on a boundary.
             # Continue token by token, which is exact (the same math the decoding step uses).
-            return self.forward_token_by_token(inputs_embeds, new_mask, position_ids, cache, output_hidden_states)
+            return self.forward_token_by_token(
+                inputs_embeds, new_mask, position_ids, cache, output_attentions, output_hidden_states
+            )
 
-        # Compact layout: each row's real tokens first (left padding moves to the end).
-        offsets = (~new_mask).long().argmin(dim=1) * new_mask.any(dim=1)  # first real column per row
-        hidden_states = shift_rows(inputs_embeds, -offsets)
-        valid = shift_rows(new_mask, -offsets)
-        positions = seen[:, None] + torch.arange(seq_len, device=seen.device)
-        tokens = TokenInfo(positions=positions, valid=valid, seen=seen, all_valid=bool(new_mask.all()))
-        rope_positions = positions if position_ids is None else shift_rows(position_ids.expand(batch_size, -1), -offsets)
+        # Packed layout: each row's real tokens first, its pads after them.
+        packing = RowPacking(new_mask)
+        hidden_states = packing.pack(inputs_embeds)
+        columns = torch.arange(seq_len, device=seen.device).expand(batch_size, -1)
+        positions = seen[:, None] + columns
+        tokens = TokenInfo(
+            positions=positions,
+            valid=packing.valid,
+            seen=seen,
+            all_valid=bool(new_mask.all()),
+            columns=past_positions + (columns if packing.order is None else packing.order),
+            num_columns=past_positions + seq_len,
+        )
+        rope_positions = positions if position_ids is None else packing.pack(position_ids.expand(batch_size, -1))
         rotary = self.rotary_emb(hidden_states, rope_positions)
 
         all_hidden_states, all_attentions = [], []
         for layer_idx, decoder_layer in enumerate(self.layers):
             if output_hidden_states:
-                all_hidden_states.append(shift_rows(hidden_states, offsets))
+                all_hidden_states.append(packing.unpack(hidden_states))
             layer_cache = cache.layers[layer_idx] if cache is not None else None
             hidden_states, weights = decoder_layer(
-                hidden_states, tokens, rotary, cache=layer_cache, output_attentions=output_attentions
+                hidden_states, tokens, rotary, cache=layer_cache, output_attentions=return_weights
             )
-            if output_attentions:
-                all_attentions.append(weights)
-        hidden_states = shift_rows(self.norm(hidden_states), offsets)
+            if weights is not None:  # a layer without attention has none
+                all_attentions.append(packing.unpack(weights, dim=2))
+        hidden_states = packing.unpack(self.norm(hidden_states))
         if output_hidden_states:
             all_hidden_states.append(hidden_states)
         if cache is not None:
@@ -217,7 +248,9 @@ class TitansModel(TitansPreTrainedModel):
             attentions=tuple(all_attentions) if output_attentions else None,
         )
 
-    def forward_token_by_token(self, inputs_embeds, new_mask, position_ids, cache, output_hidden_states):
+    def forward_token_by_token(
+        self, inputs_embeds, new_mask, position_ids, cache, output_attentions, output_hidden_states
+    ):
         if not bool(new_mask.all()):
             raise ValueError(
                 "Padding inside a continuation is not supported: when continuing from a TitansCache, every new "
@@ -232,16 +265,23 @@ class TitansModel(TitansPreTrainedModel):
                     position_ids=step_positions,
                     cache=cache,
                     use_cache=True,
+                    output_attentions=output_attentions,
                     output_hidden_states=output_hidden_states,
                 )
             )
-        hidden_states = None
+        hidden_states = attentions = None
         if output_hidden_states:
             hidden_states = tuple(torch.cat(layer, dim=1) for layer in zip(*(s.hidden_states for s in steps)))
+        if output_attentions:  # each step's key axis ends at its own column: zeros for the later ones
+            attentions = tuple(
+                torch.cat([F.pad(w, (0, layer[-1].shape[-1] - w.shape[-1])) for w in layer], dim=2)
+                for layer in zip(*(s.attentions for s in steps))
+            )
         return BaseModelOutputWithPast(
             last_hidden_state=torch.cat([s.last_hidden_state for s in steps], dim=1),
             cache=cache,
             hidden_states=hidden_states,
+            attentions=attentions,
         )
 
     def check_token_ids(self, input_ids):
@@ -254,7 +294,7 @@ class TitansModel(TitansPreTrainedModel):
 
     @staticmethod
     def new_token_mask(attention_mask, batch_size, seq_len, past_positions, device):
-        """(batch, T) bool mask of the new tokens; real tokens of a row must be one contiguous run."""
+        """(batch, T) bool mask of the new tokens (pads anywhere: left, right, or between real tokens)."""
         if attention_mask is None:
             return torch.ones(batch_size, seq_len, dtype=torch.bool, device=device)
         expected = [(batch_size, past_positions + seq_len)]
@@ -265,14 +305,7 @@ class TitansModel(TitansPreTrainedModel):
                 f"attention_mask has shape {tuple(attention_mask.shape)}; expected a 2D 0/1 mask of shape "
                 f"{' or '.join(str(s) for s in expected)} (batch, cached + new tokens)."
             )
-        mask = attention_mask[:, -seq_len:].bool()
-        starts = mask.long().diff(dim=1, prepend=torch.zeros_like(mask[:, :1], dtype=torch.long)) == 1
-        if bool((starts.sum(dim=1) > 1).any()):
-            raise ValueError(
-                "attention_mask has padding between real tokens; Titans supports left or right padding only "
-                "(each row's real tokens must be contiguous)."
-            )
-        return mask
+        return attention_mask[:, -seq_len:].bool()
 
 
 class TitansForCausalLM(TitansPreTrainedModel, GenerationMixin):
@@ -337,6 +370,7 @@ class TitansForCausalLM(TitansPreTrainedModel, GenerationMixin):
         if user_cache is not None:
             if not isinstance(user_cache, TitansCache):
                 raise TypeError(f"Titans generates with a TitansCache, got {type(user_cache).__name__}.")
+            user_cache.check_model(self.config)
             model_kwargs["cache"] = user_cache
             user_cache._is_user_defined = True
             return
@@ -348,6 +382,39 @@ class TitansForCausalLM(TitansPreTrainedModel, GenerationMixin):
         if generation_config.use_cache is False:
             return
         model_kwargs["cache"] = TitansCache(self.config)
+
+    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, **kwargs):
+        """GenerationMixin's, refusing a passed-in cache that has consumed as many input columns as `input_ids` has,
+        or more: generate() feeds the columns after the cached ones, and with none left it would feed the whole
+        input again (the memory would learn the prompt twice)."""
+        if next_sequence_length is not None and next_sequence_length <= 0:
+            consumed = input_ids.shape[1] - next_sequence_length
+            raise ValueError(
+                f"The TitansCache passed to generate() has already consumed {consumed} input columns, and input_ids "
+                f"has {input_ids.shape[1]}: continue with the columns it consumed followed by at least one new token "
+                "(e.g. the sequences a previous generate() returned), or pass a new TitansCache."
+            )
+        return super().prepare_inputs_for_generation(input_ids, next_sequence_length=next_sequence_length, **kwargs)
+
+
+def checkpoint_config(source, from_pretrained_kwargs) -> TitansConfig | None:
+    """The config saved with the checkpoint at `source` (a folder or a Hub id, found with the same download
+    settings as the weights), or None where there is none to read (weights passed as a state dict)."""
+    if source is None or from_pretrained_kwargs.get("state_dict") is not None:
+        return None
+    download = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
+    settings = {key: value for key, value in from_pretrained_kwargs.items() if key in download}
+    try:
+        return TitansConfig.from_pretrained(source, **settings)
+    except OSError:
+        return None
+
+
+def layer_weight_names(config: TitansConfig) -> set[str]:
+    """Names of the weights the decoder layers of a model of `config` hold (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        layers = nn.ModuleList(TitansDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+    return set(layers.state_dict())
 
 
 # Format 1 kept the token mixer's modules directly in the decoder layer and M_0 in the memory module itself.

@@ -5,15 +5,15 @@ separately (PEFT matches a name against the end of each module's path):
 
     attention (MAG, MAL, MAC)   q_proj  k_proj  v_proj  o_proj
     neural memory (all)         mem_q_proj  mem_k_proj  mem_v_proj  mem_gate_proj  mem_o_proj
+    memory gates (all)          forget_gate  momentum_gate  lr_gate      (alpha, eta, theta; present when enabled)
     MAC retrieval (Eq. 21)      retrieve_q_proj  retrieve_o_proj
     output gate (MAG, MAC)      gate_o_proj
     MLP (all)                   gate_proj  up_proj  down_proj
 
 The default, `DEFAULT_LORA_TARGET_MODULES`, adapts attention and the memory's projections: the parts that decide
-what is attended to and what is written into and read from the memory. The gates `forget_gate`, `momentum_gate`
-and `lr_gate` are `nn.Linear` too, but the memory reads their weights directly to compute alpha, eta and theta in
-fp32 (docs/design.md, gates), so an adapter on them would never be used; `lora_target_modules` refuses them and leaves them out
-of "all-linear".
+what is attended to and what is written into and read from the memory. "all-linear" adds the memory gates, the
+MAC retrieval, the output gate and the MLP. The memory gates compute their logits in fp32 through their own
+forward, so an adapter on them is used like any other and `merge_and_unload` folds it into their weights.
 
     from peft import get_peft_model
     from modeling_titans.peft_utils import titans_lora_config
@@ -28,14 +28,15 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from .layers.memory_layer import MEMORY_GATES
+
 ATTENTION_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MEMORY_TARGET_MODULES = ("mem_q_proj", "mem_k_proj", "mem_v_proj", "mem_gate_proj", "mem_o_proj")
 MAC_RETRIEVAL_TARGET_MODULES = ("retrieve_q_proj", "retrieve_o_proj")
 MLP_TARGET_MODULES = ("gate_proj", "up_proj", "down_proj")
 DEFAULT_LORA_TARGET_MODULES = ATTENTION_TARGET_MODULES + MEMORY_TARGET_MODULES
 
-# Linear layers whose weights the memory reads without calling the module (gates in fp32): never adapted.
-MEMORY_GATE_MODULES = ("forget_gate", "momentum_gate", "lr_gate")
+MEMORY_GATE_MODULES = MEMORY_GATES  # forget_gate, momentum_gate, lr_gate: alpha, eta and theta of the memory
 # The output head is tied to the embeddings in the presets; PEFT's "all-linear" leaves it out as well.
 OUTPUT_MODULES = ("lm_head",)
 
@@ -49,23 +50,17 @@ def lora_target_modules(model: nn.Module, target_modules: str | Iterable[str] | 
     """Checks LoRA target names against `model` and returns the list to give `LoraConfig(target_modules=...)`.
 
     - None: `DEFAULT_LORA_TARGET_MODULES`, keeping those the variant has (an LMM model has no attention);
-    - "all-linear": every linear layer except the memory gates and `lm_head`;
+    - "all-linear": every linear layer except `lm_head`;
     - a name or a list of names: each must be a linear layer of this model, else a ValueError lists the choices
       (PEFT itself silently drops names that match nothing as long as one other name matches).
     """
     available = linear_module_names(model)
-    adaptable = [name for name in available if name not in MEMORY_GATE_MODULES + OUTPUT_MODULES]
+    adaptable = [name for name in available if name not in OUTPUT_MODULES]
     if target_modules is None:
         return [name for name in DEFAULT_LORA_TARGET_MODULES if name in adaptable]
     if target_modules == "all-linear":
         return adaptable
     names = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-    gates = [name for name in names if name in MEMORY_GATE_MODULES]
-    if gates:
-        raise ValueError(
-            f"LoRA target_modules {gates} are memory gates: the memory reads their weights directly (in fp32), so an "
-            f"adapter there would have no effect. Choose among: {', '.join(adaptable)}."
-        )
     unknown = [name for name in names if name not in available]
     if unknown:
         raise ValueError(

@@ -1,4 +1,5 @@
-"""TitansCache: the row operations generate() relies on, reset, bounded size, refused operations.
+"""TitansCache: the row operations generate() relies on, reset, bounded size, refused operations, and
+the refusal of a cache built for another model or one that has already consumed the whole input.
 
 Each row operation is checked against its meaning: after reorder / select / repeat, decoding continues exactly as a
 cache built from scratch on the correspondingly reordered / selected / repeated prompts.
@@ -9,6 +10,7 @@ import torch
 
 from helpers import SEGMENT, VARIANTS, WINDOW, full_logits, random_ids, tiny_model
 from modeling_titans import TitansCache
+from modeling_titans.cache_titans import map_tensors
 
 
 # Three prompts of different lengths, left-padded, so that rows stand at different chunk / segment offsets.
@@ -125,3 +127,57 @@ def test_cache_cannot_be_cropped_or_record_its_past():
         cache.crop(2)
     with pytest.raises(ValueError, match="cannot serve as assistant models"):
         cache.activate_past_recording()
+
+
+def cache_tensors(cache) -> list[torch.Tensor]:
+    tensors = []
+    for layer in cache.layers:
+        map_tensors(layer.state, lambda t: tensors.append(t.clone()) or t)
+    return tensors
+
+
+OTHER_MODELS = {
+    # name: (the other model's variant and config overrides, a fragment of the refusal)
+    "4 layers": (("mag", {"num_hidden_layers": 4}), "num_hidden_layers=4"),
+    "MAC mixers": (("mac", {}), "mixer_types=['mac', 'mac']"),
+    "hidden size 64": (("mag", {"hidden_size": 64, "intermediate_size": 64}), "hidden_size=64"),
+}
+
+
+@pytest.mark.parametrize("other", list(OTHER_MODELS))
+def test_a_cache_of_another_model_is_refused_and_left_intact(other):
+    (variant, overrides), fragment = OTHER_MODELS[other]
+    model = tiny_model("mag")
+    other_model = tiny_model(variant, **overrides)
+    foreign = prefill(other_model, random_ids(1, 6), None)
+    before = cache_tensors(foreign)
+    for call in (
+        lambda: model(random_ids(1, 1), cache=foreign),
+        lambda: model.generate(random_ids(1, 6), cache=foreign, max_new_tokens=2),
+    ):
+        with pytest.raises(ValueError, match="built for a different model") as error:
+            call()
+        assert fragment in str(error.value)
+    assert foreign.get_seq_length() == 6
+    assert all(torch.equal(a, b) for a, b in zip(before, cache_tensors(foreign)))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_generate_refuses_a_cache_that_already_holds_the_whole_input(variant):
+    """generate() feeds the input columns after those the cache consumed; with none left it would feed the whole
+    prompt again and the memory would learn it twice."""
+    model = tiny_model(variant)
+    prompt = random_ids(2, 6)
+    cache = TitansCache(model.config)
+    sequences = model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False, cache=cache)
+    filled = prefill(model, prompt, None)
+    for used, input_ids in ((filled, prompt), (cache, prompt), (cache, sequences[:, :-1])):
+        before = (used.get_seq_length(), cache_tensors(used))
+        with pytest.raises(ValueError, match="already consumed"):
+            model.generate(input_ids, max_new_tokens=3, do_sample=False, cache=used)
+        assert used.get_seq_length() == before[0]
+        assert all(torch.equal(a, b) for a, b in zip(before[1], cache_tensors(used)))
+    # The intended continuation (the cache's columns plus new ones) still runs as in one go.
+    continued = model.generate(sequences, max_new_tokens=3, min_new_tokens=3, do_sample=False, cache=cache)
+    in_one_go = model.generate(prompt, max_new_tokens=7, min_new_tokens=7, do_sample=False, use_cache=False)
+    assert torch.equal(continued, in_one_go)

@@ -1,5 +1,7 @@
 """TitansConfig: validation of every field, presets, save / load, and the ablation switches."""
 
+import json
+
 import pytest
 from transformers import AutoConfig
 
@@ -31,10 +33,13 @@ from modeling_titans.configuration.configuration_titans import VARIANTS
         ({"memory_forget_init": 0.0}, "memory_forget_init", "strictly between 0 and 1"),
         ({"memory_momentum_init": 1.0}, "memory_momentum_init", "strictly between 0 and 1"),
         ({"memory_lr_init": 1.5}, "memory_lr_init", "strictly between 0 and 1"),
-        ({"gate_activation": "relu"}, "gate_activation", "must be one of"),
-        ({"hidden_act": "gelu"}, "hidden_act", "silu"),
+        ({"gate_activation": "swoosh"}, "gate_activation", "must be one of"),
+        ({"hidden_act": "swoosh"}, "hidden_act", "must be one of"),
         ({"rms_norm_eps": 0.0}, "rms_norm_eps", "> 0"),
-        ({"rope_theta": -1.0}, "rope_theta", "> 0"),
+        ({"rope_theta": -1.0}, "rope_parameters", "rope_theta must be > 0"),
+        ({"rope_parameters": {"rope_type": "stretchy"}}, "rope_parameters", "rope_type must be one of ('default',"),
+        ({"rope_parameters": {"rope_type": "linear"}}, "rope_parameters", "Missing required keys"),
+        ({"rope_parameters": {"partial_rotary_factor": 0.5}}, "rope_parameters", "partial_rotary_factor"),
         ({"attention_dropout": 1.0}, "attention_dropout", "[0, 1)"),
         ({"pad_token_id": 259}, "pad_token_id", "[0, 259)"),
         ({"bos_token_id": -1}, "bos_token_id", "[0, 259)"),
@@ -104,3 +109,25 @@ def test_loading_a_saved_invalid_config_is_refused(tmp_path):
     path.write_text(path.read_text().replace('"segment_size": 8', '"segment_size": 6'))
     with pytest.raises(ValueError, match="segment_size"):
         TitansConfig.from_pretrained(tmp_path)
+
+
+def test_rope_theta_and_rope_scaling_are_read_into_rope_parameters(tmp_path):
+    """As in transformers 5 (Llama): `rope_theta` (a keyword or an older config.json) and the legacy `rope_scaling`
+    land in `rope_parameters`, with `rope_type`."""
+    config = TitansConfig.from_preset("tiny", rope_theta=5e5)
+    assert config.rope_parameters == {"rope_type": "default", "rope_theta": 5e5}
+    assert TitansConfig.from_preset("tiny").rope_parameters == {"rope_type": "default", "rope_theta": 10000.0}
+    scaled = TitansConfig.from_preset("tiny", rope_scaling={"rope_type": "linear", "factor": 4.0}, rope_theta=100.0)
+    assert scaled.rope_parameters == {"rope_type": "linear", "factor": 4.0, "rope_theta": 100.0}
+    scaled.save_pretrained(tmp_path)
+    assert TitansConfig.from_pretrained(tmp_path).rope_parameters == scaled.rope_parameters
+    path = tmp_path / "config.json"  # a config.json written before rope_parameters existed
+    fields = json.loads(path.read_text())
+    del fields["rope_parameters"]
+    path.write_text(json.dumps({**fields, "rope_theta": 123.0}))
+    assert TitansConfig.from_pretrained(tmp_path).rope_parameters == {"rope_type": "default", "rope_theta": 123.0}
+
+
+def test_activations_come_from_transformers():
+    config = TitansConfig.from_preset("tiny", hidden_act="gelu", gate_activation="relu")
+    assert (config.hidden_act, config.gate_activation) == ("gelu", "relu")

@@ -165,6 +165,23 @@ def test_left_padded_full_forward_matches_each_prompt_alone(variant):
         torch.testing.assert_close(batch[row, -len(prompt) :], full_logits(model, prompt[None])[0], rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_right_padded_batch_generates_the_same_with_and_without_cache(variant):
+    """Without a cache generate() feeds each row's real tokens, its pads, then the generated tokens: a gap that
+    must give what the cache gives (pads neither write nor take attention; positions count real tokens)."""
+    model = tiny_model(variant)
+    lengths = [13, 5, 9]
+    input_ids = random_ids(len(lengths), max(lengths), seed=40)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, length in enumerate(lengths):
+        attention_mask[row, :length] = 1
+    input_ids = input_ids.masked_fill(attention_mask == 0, model.config.pad_token_id)
+    cached_tokens, cached_logits = greedy(model, input_ids, attention_mask, use_cache=True, repetition_penalty=3.0)
+    plain_tokens, plain_logits = greedy(model, input_ids, attention_mask, use_cache=False, repetition_penalty=3.0)
+    assert torch.equal(cached_tokens, plain_tokens)
+    torch.testing.assert_close(cached_logits, plain_logits, rtol=0, atol=1e-4)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Beam search
 # ----------------------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import CHUNK, SEGMENT, WINDOW, full_logits, prefill_then_decode, random_ids, tiny_config, tiny_model
-from modeling_titans import TitansConfig, TitansForCausalLM
+from modeling_titans import TitansCache, TitansConfig, TitansForCausalLM
 from modeling_titans.configuration.configuration_titans import TITANS_FORMAT_VERSION, VARIANTS
 from modeling_titans.layers.token_mixers import TOKEN_MIXERS, attention_reach, block_size, has_attention
 
@@ -81,3 +81,74 @@ def test_format_1_checkpoints_load_with_renamed_weights_and_the_same_logits(vari
     reloaded = TitansForCausalLM.from_pretrained(tmp_path).eval()
     assert reloaded.config.titans_format_version == TITANS_FORMAT_VERSION
     torch.testing.assert_close(full_logits(reloaded, expected["input_ids"]), full_logits(model, expected["input_ids"]))
+
+
+def test_hybrid_model_returns_the_attention_weights_of_its_attention_layers():
+    """A hybrid's LMM layers have no attention; its MAC layers two key columns per input column (the retrieved
+    token, then the token), also when a continuation from mid-segment runs token by token."""
+    config = tiny_config("mag", mixer_types=["lmm", "mac", "mag"], num_hidden_layers=3, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = TitansForCausalLM(config).eval()
+    input_ids = random_ids(2, SEGMENT + 6)
+    persistent = config.num_persistent_tokens
+    with torch.no_grad():
+        full = model(input_ids, output_attentions=True).attentions
+        cache = TitansCache(config)
+        model(input_ids[:, :5], cache=cache)
+        continued = model(input_ids[:, 5:], cache=cache, output_attentions=True).attentions
+    assert [w.shape[-1] for w in full] == [persistent + 2 * (SEGMENT + 6), persistent + SEGMENT + 6]
+    for weights, part in zip(full, continued):
+        torch.testing.assert_close(part, weights[:, :, 5:], rtol=0, atol=1e-5)
+
+
+ROPE_SCALINGS = {
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+    "llama3": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+    },
+}
+
+
+@pytest.mark.parametrize("name", list(ROPE_SCALINGS))
+def test_rope_scaling_gives_llamas_rotary_embedding(name):
+    """Each RoPE type computes the cos / sin of transformers' Llama for the same rope_parameters (the dynamic one
+    past max_position_embeddings, where it starts to scale)."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from modeling_titans.layers.basics import TitansRotaryEmbedding
+
+    rope = {**ROPE_SCALINGS[name], "rope_theta": 500.0}
+    config = tiny_config("mag", rope_parameters=dict(rope), max_position_embeddings=32)
+    llama = LlamaConfig(
+        hidden_size=32, num_attention_heads=4, rope_parameters=dict(rope), max_position_embeddings=32
+    )
+    x = torch.zeros(1, dtype=torch.float32)
+    for length in (20, 50):
+        positions = torch.arange(length)[None]
+        ours = TitansRotaryEmbedding(config)(x, positions)
+        theirs = LlamaRotaryEmbedding(llama)(x, positions)
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["linear", "yarn"])
+def test_a_model_with_rope_scaling_decodes_exactly_and_differs_from_plain_rope(name):
+    config = tiny_config("mag", rope_parameters=dict(ROPE_SCALINGS[name]))
+    torch.manual_seed(0)
+    model = TitansForCausalLM(config).eval()
+    input_ids = random_ids(2, 2 * SEGMENT + 5)
+    expected = full_logits(model, input_ids)
+    torch.testing.assert_close(prefill_then_decode(model, input_ids, SEGMENT + 3), expected, rtol=0, atol=1e-4)
+    assert (expected - full_logits(tiny_model("mag"), input_ids)).abs().max() > 1e-3
+
+
+def test_mlp_and_gate_activations_follow_the_config():
+    input_ids = random_ids(1, 12)
+    plain = full_logits(tiny_model("mag"), input_ids)
+    for overrides in ({"hidden_act": "gelu"}, {"gate_activation": "tanh"}):
+        model = tiny_model("mag", **overrides)
+        assert (full_logits(model, input_ids) - plain).abs().max() > 1e-4, overrides

@@ -4,6 +4,9 @@ gradients, bad inputs, hidden states / attention weights, save / load and the Au
 The op-level fidelity tests (naive paper reference vs the chunked memory) live in test_neural_memory.py.
 """
 
+import copy
+import logging
+
 import pytest
 import torch
 from torch.func import functional_call
@@ -94,6 +97,37 @@ def test_switching_memory_writes_off_changes_the_output_and_back_on_restores_it(
     model.set_memory_writes(True)
     assert (learning - frozen).abs().max() > 1e-3
     torch.testing.assert_close(full_logits(model, input_ids), learning, rtol=0, atol=0)
+
+
+def memory_states(cache):
+    """Every layer's memory state (weights M_t, chunk-start weights M_t', momentum S_t) in a cache."""
+    return [getattr(layer.state, "memory", layer.state) for layer in cache.layers]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_memory_writes_off_leave_a_learned_state_untouched(variant):
+    """Switched off after a prefill, when the state already holds momentum: the memory neither moves nor forgets,
+    token by token or in a multi-token pass, and the reads use the weights the prefill left."""
+    model = tiny_model(variant)
+    input_ids = random_ids(2, 3 * SEGMENT)
+    prefill = SEGMENT  # a segment and chunk boundary, so the continuation can run as one pass
+    with torch.no_grad():
+        cache = TitansCache(model.config)
+        model(input_ids[:, :prefill], cache=cache)
+        before = memory_states(cache)
+        assert all(s.abs().max() > 0 for state in before for s in state.momentum)
+        model.set_memory_writes(False)
+        step_cache = copy.deepcopy(cache)
+        steps = [model(input_ids[:, t : t + 1], cache=step_cache).logits for t in range(prefill, input_ids.shape[1])]
+        stepped = torch.cat(steps, dim=1)
+        in_one_pass = model(input_ids[:, prefill:], cache=cache).logits
+        from_scratch = full_logits(model, input_ids)[:, prefill:]
+    for old, new in zip(before, memory_states(cache)):
+        for name in ("weights", "snapshot", "momentum"):
+            assert all(torch.equal(a, b) for a, b in zip(getattr(old, name), getattr(new, name))), name
+    torch.testing.assert_close(in_one_pass, stepped, rtol=0, atol=1e-4)
+    # The prefill's writes are read (not M_0's), so the continuation differs from a run that never wrote.
+    assert (in_one_pass - from_scratch).abs().max() > 1e-3
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -232,12 +266,7 @@ MEMORY_PARAMETERS = [
 def memory_as_function(memory_depth: int, chunk_size: int, seq_len: int = 6):
     """The memory token mixer as a pure function of (x, parameters...), with float64 inputs for gradcheck."""
     memory = memory_module(memory_depth, chunk_size)
-    tokens = TokenInfo(
-        positions=torch.arange(seq_len)[None],
-        valid=torch.ones(1, seq_len, dtype=torch.bool),
-        seen=torch.zeros(1, dtype=torch.long),
-        all_valid=True,
-    )
+    tokens = TokenInfo.unpadded(1, seq_len)
     names = MEMORY_PARAMETERS + [f"network.initial_weights.{i}" for i in range(memory_depth)]
     parameters = dict(memory.named_parameters())
     torch.manual_seed(1)
@@ -351,11 +380,19 @@ def test_bad_inputs_raise_clear_errors_and_leave_the_cache_intact(variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_padding_between_real_tokens_is_refused(variant):
+def test_padding_between_real_tokens_matches_each_row_without_it(variant):
+    """Pads between real tokens (what generate() without a cache feeds for a right-padded batch: real tokens, pads,
+    generated tokens) neither write nor take attention, and positions count real tokens only."""
     model = tiny_model(variant)
-    attention_mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 1, 1]])
-    with pytest.raises(ValueError, match="padding between real tokens"):
-        model(random_ids(2, 6), attention_mask=attention_mask)
+    input_ids = random_ids(3, SEQ_LEN)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 5:10] = 0  # a gap of 5, off the chunk and segment grid
+    attention_mask[2, :2], attention_mask[2, SEGMENT : 2 * SEGMENT] = 0, 0  # left padding and a gap of a segment
+    padded_ids = input_ids.masked_fill(attention_mask == 0, model.config.pad_token_id)
+    logits = full_logits(model, padded_ids, attention_mask)
+    for row, mask in enumerate(attention_mask.bool()):
+        alone = full_logits(model, input_ids[row : row + 1, mask])
+        torch.testing.assert_close(logits[row : row + 1, mask], alone, rtol=0, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -398,18 +435,115 @@ def test_eager_attention_returns_sliding_window_weights(variant):
     torch.testing.assert_close(full_logits(model, input_ids), outputs.logits, rtol=0, atol=1e-4)
 
 
-def test_attention_weights_without_eager_are_clearly_refused():
+def test_attention_weights_without_eager_warn_and_return_none(caplog):
+    """As Llama under SDPA: a warning, no weights, the same logits."""
     model = tiny_model("mag")
     assert model.config._attn_implementation == "sdpa"
-    with pytest.raises(ValueError, match="attn_implementation=\"eager\""):
-        model(random_ids(1, 8), output_attentions=True)
+    input_ids = random_ids(1, 8)
+    logging.Logger.warning_once.cache_clear()  # the warning is given once per message and process
+    with caplog.at_level(logging.WARNING):
+        outputs = model(input_ids, output_attentions=True)
+    assert 'attn_implementation="eager"' in caplog.text
+    assert outputs.attentions == ()
+    torch.testing.assert_close(outputs.logits, full_logits(model, input_ids), rtol=0, atol=0)
 
 
-def test_attention_weights_are_refused_for_mac():
-    model = tiny_model("mac")
+def eager_model(variant):
+    model = tiny_model(variant)
     model.set_attn_implementation("eager")
-    with pytest.raises(ValueError, match="output_attentions is not supported for the MAC variant"):
-        model(random_ids(1, 8), output_attentions=True)
+    return model
+
+
+def key_columns(model, columns) -> list[int]:
+    """The indices, in returned attention weights, of the persistent keys and of the keys of input `columns`
+    (MAC: the retrieved token, then the token, of each column)."""
+    per_column = 2 if model.config.variant == "mac" else 1
+    persistent = model.config.num_persistent_tokens
+    return list(range(persistent)) + [persistent + per_column * c + k for c in columns for k in range(per_column)]
+
+
+@pytest.mark.parametrize("variant", ["mac", "mag", "mal"])
+def test_attention_weights_are_aligned_with_the_input_columns_under_any_padding(variant):
+    """(batch, heads, T, P + keys) whatever the padding; each row's weights on its real tokens are those of the row
+    alone, and pads (as queries or keys) have none."""
+    model = eager_model(variant)
+    lengths = [SEQ_LEN, SEQ_LEN - 5, 7]
+    input_ids = random_ids(len(lengths), SEQ_LEN)
+    attention_mask = torch.zeros_like(input_ids)
+    attention_mask[0] = 1
+    attention_mask[1, 5:] = 1  # left padding
+    attention_mask[2, :3], attention_mask[2, 20:24] = 1, 1  # real tokens, pads, real tokens, pads
+    padded_ids = input_ids.masked_fill(attention_mask == 0, model.config.pad_token_id)
+    with torch.no_grad():
+        attentions = model(padded_ids, attention_mask=attention_mask, output_attentions=True).attentions
+    width = len(key_columns(model, range(SEQ_LEN)))
+    assert len(attentions) == model.config.num_hidden_layers
+    for row, mask in enumerate(attention_mask.bool()):
+        real = mask.nonzero().squeeze(1).tolist()
+        with torch.no_grad():
+            alone = model(input_ids[row : row + 1, mask], output_attentions=True).attentions
+        for weights, weights_alone in zip(attentions, alone):
+            assert weights.shape == (len(lengths), model.config.num_attention_heads, SEQ_LEN, width)
+            real_keys = key_columns(model, real)
+            torch.testing.assert_close(weights[row][:, real][..., real_keys], weights_alone[0], rtol=0, atol=1e-5)
+            torch.testing.assert_close(weights[row][:, real].sum(-1), torch.ones_like(weights[row][:, real, 0]))
+            assert not weights[row][:, ~mask].any()  # pad queries
+            pad_keys = [k for k in range(width) if k not in real_keys]
+            assert not weights[row][..., pad_keys].any()  # pad keys
+
+
+@pytest.mark.parametrize("variant", ["mac", "mag", "mal"])
+def test_attention_weights_of_cached_steps_are_rows_of_the_full_forward(variant):
+    """With a cache, a call's key axis covers every column so far (the cached ones included), so a decoded token's
+    weights are the matching row of the full forward's, and a continuation from mid-segment gives the same rows."""
+    model = eager_model(variant)
+    input_ids = random_ids(2, SEQ_LEN)
+    prefill = SEGMENT + 3  # mid-chunk, mid-segment: the 4-token continuation runs token by token
+    with torch.no_grad():
+        full = model(input_ids, output_attentions=True).attentions
+        cache = TitansCache(model.config)
+        first = model(input_ids[:, :prefill], cache=cache, output_attentions=True).attentions
+        rest = model(input_ids[:, prefill : prefill + 4], cache=cache, output_attentions=True).attentions
+        step = model(input_ids[:, prefill + 4 : prefill + 5], cache=cache, output_attentions=True).attentions
+    for layer, weights in enumerate(full):
+        for part, start, end in ((first, 0, prefill), (rest, prefill, prefill + 4), (step, prefill + 4, prefill + 5)):
+            width = len(key_columns(model, range(end)))
+            assert part[layer].shape == (2, model.config.num_attention_heads, end - start, width)
+            torch.testing.assert_close(part[layer], weights[:, :, start:end, :width], rtol=0, atol=1e-5)
+            assert weights[:, :, start:end, width:].abs().max() == 0  # nothing later is seen
+
+
+def test_attention_weights_of_mac_see_the_prefix_the_retrieved_tokens_and_the_segment():
+    model = eager_model("mac")
+    persistent = model.config.num_persistent_tokens
+    with torch.no_grad():
+        attentions = model(random_ids(2, SEQ_LEN), output_attentions=True).attentions
+    query = torch.arange(SEQ_LEN)[:, None]
+    key = torch.arange(SEQ_LEN)[None, :]
+    # Query i sees h_j and x_j for j in its own segment up to i.
+    seen = (key <= query) & (key // SEGMENT == query // SEGMENT)
+    for weights in attentions:
+        assert weights.shape == (2, model.config.num_attention_heads, SEQ_LEN, persistent + 2 * SEQ_LEN)
+        torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:-1]))
+        assert (weights[..., :persistent] > 0).all()
+        retrieved, tokens = weights[..., persistent::2], weights[..., persistent + 1 :: 2]
+        for part in (retrieved, tokens):
+            assert part[..., ~seen].abs().max() == 0 and (part[..., seen] > 0).all()
+
+
+@pytest.mark.parametrize("variant", ["mac", "mag"])
+def test_generate_returns_the_attention_weights_of_every_step(variant):
+    model = eager_model(variant)
+    prompt_length, new_tokens = 9, 4
+    outputs = model.generate(
+        random_ids(2, prompt_length), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+        output_attentions=True, return_dict_in_generate=True,
+    )
+    assert len(outputs.attentions) == new_tokens
+    for step, layers in enumerate(outputs.attentions):
+        queries = prompt_length if step == 0 else 1
+        width = len(key_columns(model, range(prompt_length + step)))
+        assert all(w.shape == (2, model.config.num_attention_heads, queries, width) for w in layers)
 
 
 # ----------------------------------------------------------------------------------------------------------------

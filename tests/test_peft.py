@@ -1,6 +1,7 @@
 """LoRA with PEFT on Titans: default targets on attention and memory, train / save / load the
 adapter, merge_and_unload equals the adapted model, generate() on the PEFT model keeps writing into a TitansCache,
-"all-linear", and clear errors for target names that match nothing."""
+"all-linear" and the memory gates (used in the forward, merged exactly), and clear errors for target names that match
+nothing."""
 
 import pytest
 import torch
@@ -88,12 +89,12 @@ def test_lora_train_save_load_merge_and_generate(tmp_path):
 def test_all_linear_trains_and_merges():
     model = tiny_model("mag")
     helper_targets = lora_target_modules(model, "all-linear")
-    assert set(MEMORY_GATE_MODULES).isdisjoint(helper_targets) and "lm_head" not in helper_targets
+    assert set(MEMORY_GATE_MODULES) <= set(helper_targets) and "lm_head" not in helper_targets
     assert {"q_proj", "mem_q_proj", "gate_o_proj", "down_proj"} <= set(helper_targets)
 
-    # PEFT's own "all-linear" (which also wraps the gates, harmlessly) works as well.
+    # PEFT's own "all-linear" (the same layers) works as well.
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
-    assert {"mem_o_proj", "o_proj", "up_proj"} <= adapted_module_names(peft_model)
+    assert {"mem_o_proj", "o_proj", "up_proj", *MEMORY_GATE_MODULES} <= adapted_module_names(peft_model)
     train_a_few_steps(peft_model)
     prompt = torch.randint(3, 259, (1, 9))
     with torch.no_grad():
@@ -107,5 +108,20 @@ def test_bad_target_names_give_clear_errors():
         lora_target_modules(model, ["q_proj", "mem_qproj"])  # PEFT alone would silently adapt q_proj only
     with pytest.raises(ValueError, match="retrieve_q_proj"):
         lora_target_modules(model, "retrieve_q_proj")  # a MAC-only layer on a MAG model
-    with pytest.raises(ValueError, match="memory gates"):
-        lora_target_modules(model, ["forget_gate"])
+    assert lora_target_modules(model, ["forget_gate"]) == ["forget_gate"]  # the gates are ordinary targets
+
+
+def test_lora_on_the_memory_gates_changes_the_model_and_merges_exactly():
+    """The gates (alpha, eta, theta) are called through their forward, so an adapter on them is used, and
+    merge_and_unload gives the adapted model's logits."""
+    model = tiny_model("mag")
+    prompt = torch.randint(3, 259, (2, 11))
+    with torch.no_grad():
+        base_logits = model(prompt).logits
+    peft_model = get_peft_model(model, titans_lora_config(model, target_modules=list(MEMORY_GATE_MODULES), r=4))
+    assert adapted_module_names(peft_model) == set(MEMORY_GATE_MODULES)
+    train_a_few_steps(peft_model)
+    with torch.no_grad():
+        adapted_logits = peft_model(prompt).logits
+        assert (adapted_logits - base_logits).abs().max() > 1e-3
+        torch.testing.assert_close(peft_model.merge_and_unload()(prompt).logits, adapted_logits, atol=1e-5, rtol=0)

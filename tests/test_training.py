@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from modeling_titans import TitansCache, TitansConfig, TitansForCausalLM
@@ -166,6 +167,34 @@ def test_checkpoint_of_another_variant_is_a_clear_error(tmp_path):
     tiny_model("mag").save_pretrained(tmp_path / "mag")
     with pytest.raises(ValueError, match="variant"):
         TitansForCausalLM.from_pretrained(tmp_path / "mag", config=TitansConfig.from_preset("tiny", variant="mac"))
+
+
+@pytest.mark.parametrize(
+    "saved, config",
+    [("mag", {"num_hidden_layers": 3}), ("lmm", {"variant": "mag"}), ("mag", {"use_momentum": False})],
+    ids=["deeper", "lmm-as-mag", "no-momentum"],
+)
+def test_checkpoint_of_another_structure_is_a_clear_error_also_with_loading_info(tmp_path, saved, config):
+    tiny_model(saved).save_pretrained(tmp_path / "saved")
+    config = TitansConfig.from_preset("tiny", **{"variant": saved, **config})
+    for wants_info in (False, True):
+        with pytest.raises(ValueError, match="another structure"):
+            TitansForCausalLM.from_pretrained(tmp_path / "saved", config=config, output_loading_info=wants_info)
+
+
+def test_missing_weights_are_reported_like_any_model(tmp_path):
+    """A checkpoint of the model's own structure that lacks a weight loads with the weight initialised and listed
+    in the loading info, as transformers does for every model."""
+    tiny_model("mag").save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    missing = "model.layers.1.mlp.down_proj.weight"
+    del tensors[missing]
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    model, info = TitansForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert set(info["missing_keys"]) == {missing} and not info["unexpected_keys"]
+    assert isinstance(TitansForCausalLM.from_pretrained(tmp_path), TitansForCausalLM)
+    reference = tiny_model("mag").state_dict()
+    assert all(torch.equal(value, reference[name]) for name, value in model.state_dict().items() if name != missing)
 
 
 def test_variant_keyword_of_from_pretrained_is_explained(tmp_path):

@@ -1,5 +1,5 @@
 """`titans export CKPT_DIR OUT_DIR`: turn a checkpoint into a self-contained Hugging Face Hub repository folder
-(see `hub_upload/export.py`)."""
+(see `modeling_titans.hub_upload.export`)."""
 
 from . import CommandError
 

@@ -1,5 +1,5 @@
 """`titans push OUT_DIR --repo-id NAME`: upload a folder written by `titans export` to the Hugging Face Hub
-(see `hub_upload/push.py`)."""
+(see `modeling_titans.hub_upload.push`)."""
 
 from . import CommandError
 

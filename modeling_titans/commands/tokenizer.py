@@ -1,4 +1,5 @@
-"""`titans tokenizer`: train a byte-level BPE tokenizer on your own text files (see `tokenization/train_bpe.py`)."""
+"""`titans tokenizer`: train a byte-level BPE tokenizer on your own text files
+(see `modeling_titans.tokenization.train_bpe`)."""
 
 import sys
 

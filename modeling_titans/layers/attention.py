@@ -20,17 +20,19 @@ from .tokens import TokenInfo
 
 
 class AttentionKeys:
-    """Keys and values still visible to later queries, each with its absolute position and validity.
+    """Keys and values still visible to later queries, each with its absolute position, validity and slot.
 
     Rows may sit at different positions; a column that no row still needs is dropped, which keeps the buffer
-    within a window or segment (plus the spread between rows).
+    within a window or segment (plus the spread between rows). A key's slot is its column in returned attention
+    weights, after the persistent ones (`TitansAttention.forward`).
     """
 
-    def __init__(self, keys, values, positions, valid):
+    def __init__(self, keys, values, positions, valid, slots):
         self.keys = keys  # (batch, kv_heads, length, head_dim), rotary already applied
         self.values = values  # (batch, kv_heads, length, head_dim)
         self.positions = positions  # (batch, length) long
         self.valid = valid  # (batch, length) bool
+        self.slots = slots  # (batch, length) long
 
     @classmethod
     def empty(cls, batch_size, kv_heads, head_dim, dtype, device):
@@ -39,14 +41,16 @@ class AttentionKeys:
             torch.zeros(batch_size, kv_heads, 0, head_dim, dtype=dtype, device=device),
             torch.zeros(batch_size, 0, dtype=torch.long, device=device),
             torch.zeros(batch_size, 0, dtype=torch.bool, device=device),
+            torch.zeros(batch_size, 0, dtype=torch.long, device=device),
         )
 
-    def extend(self, keys, values, positions, valid) -> "AttentionKeys":
+    def extend(self, keys, values, positions, valid, slots) -> "AttentionKeys":
         return AttentionKeys(
             torch.cat([self.keys, keys], dim=2),
             torch.cat([self.values, values], dim=2),
             torch.cat([self.positions, positions], dim=1),
             torch.cat([self.valid, valid], dim=1),
+            torch.cat([self.slots, slots], dim=1),
         )
 
     def keep_from(self, first_position: torch.Tensor) -> "AttentionKeys":
@@ -55,7 +59,11 @@ class AttentionKeys:
         needed = valid.any(dim=0).nonzero()
         start = int(needed[0]) if len(needed) else valid.shape[1]
         return AttentionKeys(
-            self.keys[:, :, start:], self.values[:, :, start:], self.positions[:, start:], valid[:, start:]
+            self.keys[:, :, start:],
+            self.values[:, :, start:],
+            self.positions[:, start:],
+            valid[:, start:],
+            self.slots[:, start:],
         )
 
 
@@ -69,6 +77,17 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
     weights = F.dropout(weights, p=dropout, training=module.training)
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+def slotted_weights(weights, slots, num_slots: int, query_valid):
+    """Attention weights over a block's keys (batch, heads, q, P + keys), the P persistent ones first, spread over
+    P + num_slots columns with each key at its slot (batch, keys); rows of pad queries become zero."""
+    num_persistent = weights.shape[-1] - slots.shape[1]
+    out = weights.new_zeros(*weights.shape[:-1], num_persistent + num_slots)
+    out[..., :num_persistent] = weights[..., :num_persistent]
+    index = (num_persistent + slots)[:, None, None, :].expand(*weights.shape[:-1], slots.shape[1])
+    out = out.scatter(-1, index, weights[..., num_persistent:])
+    return out * query_valid[:, None, :, None].to(out.dtype)
 
 
 class TitansAttention(nn.Module):
@@ -129,6 +148,12 @@ class TitansAttention(nn.Module):
 
         `memory_tokens` (MAC): one extra token per input token, h_j at x_j's position, placed before the input
         tokens so that x_j sees h_1..h_j and x_1..x_j.
+
+        `output_attentions`: the weights are (batch, heads, T, P + K) with T in the packed layout of `x` (the model
+        moves the rows back to the input's columns). The key axis holds the P persistent tokens first, then K
+        columns aligned with the input columns of the sequence so far (cached ones included): one per input
+        column, or with `memory_tokens` two, the retrieved token h_j then the token x_j. Keys out of reach, pads
+        and the rows of pad queries are zero.
         """
         batch_size, seq_len, _ = x.shape
         cos, sin = rotary
@@ -138,20 +163,23 @@ class TitansAttention(nn.Module):
         if past is None:
             past = AttentionKeys.empty(batch_size, self.num_kv_heads, self.head_dim, x.dtype, x.device)
         keys, values = self.project_keys(x, cos, sin)
-        positions, valid = tokens.positions, tokens.valid
+        positions, valid, slots = tokens.positions, tokens.valid, tokens.columns
+        slots_per_column = 1
         if memory_tokens is not None:
             extra_keys, extra_values = self.project_keys(memory_tokens, cos, sin)
             keys, values = torch.cat([extra_keys, keys], dim=2), torch.cat([extra_values, values], dim=2)
             positions, valid = positions.repeat(1, 2), valid.repeat(1, 2)
-        visible = past.extend(keys, values, positions, valid)  # one copy of the kept keys per call
+            slots, slots_per_column = torch.cat([2 * slots, 2 * slots + 1], dim=1), 2
+        visible = past.extend(keys, values, positions, valid, slots)  # one copy of the kept keys per call
+        num_slots = slots_per_column * tokens.num_columns
 
         interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
         if self.persistent_tokens is not None:
             prefix_keys, prefix_values = self.prefix(batch_size, x.dtype)
-        block = seq_len if output_attentions else self.query_block_size(seq_len)
-        outputs, weights = [], None
+        block = self.query_block_size(seq_len)
+        outputs, weights = [], []
         for start in range(0, seq_len, block):
             q_pos = tokens.positions[:, start : start + block]
             first = self.window_start(q_pos[:, :1]).squeeze(1)
@@ -175,7 +203,7 @@ class TitansAttention(nn.Module):
             allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
             mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device)
             mask = mask.masked_fill(~allowed, torch.finfo(x.dtype).min).unsqueeze(1)
-            out, weights = interface(
+            out, block_weights = interface(
                 self,
                 queries[:, :, start : start + block],
                 block_keys,
@@ -185,9 +213,12 @@ class TitansAttention(nn.Module):
                 scaling=self.scaling,
             )
             outputs.append(out)
+            if output_attentions:
+                query_valid = tokens.valid[:, start : start + block]
+                weights.append(slotted_weights(block_weights, visible.slots[:, lo:hi], num_slots, query_valid))
         out = torch.cat(outputs, dim=1).reshape(batch_size, seq_len, -1)
         kept = visible.keep_from(self.window_start(tokens.next_position))
-        return self.o_proj(out), weights if output_attentions else None, kept
+        return self.o_proj(out), torch.cat(weights, dim=2) if output_attentions else None, kept
 
 
 class SlidingWindowAttention(TitansAttention):

@@ -1,10 +1,11 @@
-"""The Llama parts every Titans block shares: RMSNorm, the SwiGLU channel mixer and rotary position embeddings."""
+"""The Llama parts every Titans block shares: RMSNorm, the gated channel mixer and rotary position embeddings."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from transformers.activations import ACT2FN
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 
 class TitansRMSNorm(nn.Module):
@@ -22,32 +23,47 @@ class TitansRMSNorm(nn.Module):
 
 
 class TitansMLP(nn.Module):
-    """SwiGLU channel mixer (Llama)."""
+    """Gated channel mixer (Llama): down(act(gate(x)) * up(x)), `act` = ACT2FN[config.hidden_act] (SiLU: SwiGLU)."""
 
     def __init__(self, config):
         super().__init__()
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def default_rope_parameters(config, device=None, seq_len=None) -> tuple[torch.Tensor, float]:
+    """Plain RoPE: inverse frequencies theta^(-2i / head_dim) and no scaling of cos / sin (the signature of
+    transformers' `ROPE_INIT_FUNCTIONS`)."""
+    exponents = torch.arange(0, config.head_dim, 2, device=device, dtype=torch.float32) / config.head_dim
+    return 1.0 / (config.rope_parameters["rope_theta"] ** exponents), 1.0
 
 
 class TitansRotaryEmbedding(nn.Module):
-    """RoPE; the frequencies are computed on the fly (a handful of values), so no buffer needs initialising."""
+    """RoPE as transformers computes it for `config.rope_parameters` (LlamaRotaryEmbedding): "default", or a scaling
+    from `ROPE_INIT_FUNCTIONS` (linear, dynamic, yarn, longrope, llama3, ...), whose attention factor scales cos
+    and sin. The frequencies are computed on the fly in fp32 (a handful of values): no buffer to initialise, none
+    rounded when the model is cast to half precision. The types that depend on the length (dynamic, longrope) get
+    the call's largest position + 1, the length Llama's embedding grows to."""
+
+    LENGTH_DEPENDENT = ("dynamic", "longrope")
 
     def __init__(self, config):
         super().__init__()
-        self.head_dim = config.head_dim
-        self.base = config.rope_theta
+        self.config = config
+        self.rope_type = config.rope_parameters["rope_type"]
+        self.rope_init_fn = ROPE_INIT_FUNCTIONS.get(self.rope_type, default_rope_parameters)
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor):
-        exponents = torch.arange(0, self.head_dim, 2, device=x.device, dtype=torch.float32) / self.head_dim
-        inv_freq = 1.0 / (self.base**exponents)
-        freqs = position_ids[..., None].float() * inv_freq
+        seq_len = int(position_ids.max()) + 1 if self.rope_type in self.LENGTH_DEPENDENT else None
+        inv_freq, scaling = self.rope_init_fn(self.config, x.device, seq_len=seq_len)
+        freqs = position_ids[..., None].float() * inv_freq.float()
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        return (emb.cos() * scaling).to(x.dtype), (emb.sin() * scaling).to(x.dtype)
 
 
 def rotate_half(x):

@@ -29,12 +29,31 @@ from .basics import TitansRMSNorm
 from .tokens import TokenInfo
 
 
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    """x / ||x|| over the last dim, in the memory's compute dtype: in fp16 the normalisation's 1e-12 floor
+    underflows to 0, and the zero vector of a pad would become 0 / 0 = NaN."""
+    return F.normalize(x.to(compute_dtype(x.dtype)), dim=-1)
+
+
+# The memory's gate modules: alpha_t, eta_t and theta_t / theta_max. Their weights stay in fp32 when a checkpoint
+# is loaded in fp16 (`TitansPreTrainedModel._keep_in_fp32_modules`).
+MEMORY_GATES = ("forget_gate", "momentum_gate", "lr_gate")
+
+
 class TitansGate(nn.Linear):
-    """Linear map to one gate logit per memory head; `bias_init` is the gate's initial value."""
+    """Linear map to one gate logit per memory head; `bias_init` is the gate's initial value.
+
+    The logits are computed in fp32 whatever the dtype of the input and of the weights (fp64 for fp64 inputs):
+    the gates decide how much every token moves the memory, which runs in fp32 too. An adapter (PEFT's LoRA)
+    wraps this forward like that of any linear layer, and merging it changes `weight` alone."""
 
     def __init__(self, hidden_size: int, num_heads: int, initial_value: float):
         super().__init__(hidden_size, num_heads)
         self.bias_init = math.log(initial_value / (1 - initial_value))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = compute_dtype(x.dtype)
+        return F.linear(x.to(dtype), self.weight.to(dtype), self.bias.to(dtype))
 
 
 class MemoryProjection(nn.Linear):
@@ -83,7 +102,7 @@ class TitansNeuralMemory(nn.Module):
         self.lr_gate = TitansGate(hidden, self.num_heads, config.memory_lr_init)  # theta_t / theta_max
         self.network = MemoryMLP(self.num_heads, self.head_dim, config.memory_depth, config.memory_expansion)
         self.out_norm = TitansRMSNorm(self.head_dim, eps=config.rms_norm_eps)
-        self.writes_enabled = True  # False: the memory stays at M_0 (an ablation at test time; not saved)
+        self.writes_enabled = True  # False: the memory state stays as it is (an ablation at test time; not saved)
         self.mem_gate_proj = nn.Linear(hidden, hidden, bias=False)
         self.mem_o_proj = nn.Linear(hidden, hidden, bias=False)
 
@@ -118,14 +137,12 @@ class TitansNeuralMemory(nn.Module):
 
     def gates(self, x: torch.Tensor):
         """log(1 - alpha_t), log(eta_t) (None without momentum) and theta_t, each (batch, heads, T), in fp32."""
-        x = x.to(compute_dtype(x.dtype))
-        zeros = x.new_zeros(x.shape[0], self.num_heads, x.shape[1])
-        if not self.writes_enabled:  # the memory stays at M_0: nothing written, nothing forgotten
-            return zeros, None if self.momentum_gate is None else zeros, zeros
+        x = x.to(compute_dtype(x.dtype))  # an adapter on a gate sees the fp32 input too
 
         def logits(gate):  # (batch, heads, T)
-            return F.linear(x, gate.weight.to(x.dtype), gate.bias.to(x.dtype)).transpose(1, 2)
+            return gate(x).transpose(1, 2)
 
+        zeros = x.new_zeros(x.shape[0], self.num_heads, x.shape[1])
         log_retain = zeros if self.forget_gate is None else F.logsigmoid(-logits(self.forget_gate))
         log_momentum = None if self.momentum_gate is None else F.logsigmoid(logits(self.momentum_gate))
         lr = self.config.memory_lr_max * torch.sigmoid(logits(self.lr_gate))
@@ -134,14 +151,22 @@ class TitansNeuralMemory(nn.Module):
     def recall(self, weights, queries: torch.Tensor) -> torch.Tensor:
         """M*(q) without writing: queries (batch, T, hidden) are l2-normalised per head, read through `weights`
         (the fast weights of some earlier state) and merged back to (batch, T, hidden)."""
-        heads = F.normalize(self.split_heads(queries), dim=-1)
-        reads = self.network.read(weights, heads.to(weights[0].dtype))
+        reads = self.network.read(weights, l2_normalize(self.split_heads(queries)))
         return reads.transpose(1, 2).flatten(2).to(queries.dtype)
+
+    def write_and_read(self, state: MemoryState, q, k, v, gates, tokens: TokenInfo):
+        """Writes every real token's (k, v) with its `gates` and reads M_t*(q_t) after each write: the decoding
+        step for one token, else the chunked scan. Returns the reads and the op's state after the last token."""
+        write_mask = None if tokens.all_valid else tokens.valid
+        if q.shape[2] == 1:
+            closes_chunk = (tokens.seen + 1) % self.chunk_size == 0
+            row_mask = None if write_mask is None else write_mask[:, 0]
+            return neural_memory_step(self.network, state, q, k, v, *gates, closes_chunk, row_mask)
+        return neural_memory_scan(self.network, state, q, k, v, *gates, self.chunk_size, write_mask)
 
     def forward(self, x: torch.Tensor, tokens: TokenInfo, state: NeuralMemoryState | None):
         """x (batch, T, hidden) -> output (batch, T, hidden) and the state after the last real token."""
-        batch_size, seq_len, _ = x.shape
-        state = state if state is not None else self.initial_state(batch_size)
+        state = state if state is not None else self.initial_state(x.shape[0])
         if not tokens.all_valid:
             x = x * tokens.valid.unsqueeze(-1).to(x.dtype)
         qkv = torch.cat([self.mem_q_proj(x), self.mem_k_proj(x), self.mem_v_proj(x)], dim=-1)
@@ -149,19 +174,11 @@ class TitansNeuralMemory(nn.Module):
         if self.conv is not None:
             qkv, conv_tail = self.causal_conv(qkv, state.conv_tail, tokens)
         q, k, v = (self.split_heads(t) for t in F.silu(qkv).chunk(3, dim=-1))
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        log_retain, log_momentum, lr = self.gates(x)
-        write_mask = None if tokens.all_valid else tokens.valid
-        if seq_len == 1:
-            closes_chunk = (tokens.seen + 1) % self.chunk_size == 0
-            row_mask = None if write_mask is None else write_mask[:, 0]
-            reads, memory = neural_memory_step(
-                self.network, state, q, k, v, log_retain, log_momentum, lr, closes_chunk, row_mask
-            )
-        else:
-            reads, memory = neural_memory_scan(
-                self.network, state, q, k, v, log_retain, log_momentum, lr, self.chunk_size, write_mask
-            )
+        q, k = l2_normalize(q), l2_normalize(k)
+        if self.writes_enabled:
+            reads, memory = self.write_and_read(state, q, k, v, self.gates(x), tokens)
+        else:  # nothing written, nothing forgotten: every token reads the current weights
+            reads, memory = self.network.read(state.weights, q), state
         y = self.out_norm(reads.to(x.dtype)).transpose(1, 2).flatten(2)  # (batch, T, hidden)
         out = self.mem_o_proj(y * F.silu(self.mem_gate_proj(x)))
         return out, NeuralMemoryState(memory.weights, memory.snapshot, memory.momentum, conv_tail)

@@ -17,8 +17,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from transformers.activations import ACT2FN
 
 from ..ops.memory_network import Weights
 from ..ops.neural_memory import select_rows
@@ -27,9 +27,6 @@ from .basics import TitansRMSNorm
 from .memory_layer import NeuralMemoryState, TitansNeuralMemory
 from .tokens import TokenInfo
 
-GATE_ACTIVATIONS = {"sigmoid": torch.sigmoid, "silu": F.silu, "tanh": torch.tanh}
-
-
 class TitansOutputGate(nn.Module):
     """o = W_O(RMSNorm_a(y) * sigma(RMSNorm_b(m))): the non-linear gate of MAG (Eq. 28) and MAC (Eq. 25)."""
 
@@ -37,7 +34,7 @@ class TitansOutputGate(nn.Module):
         super().__init__()
         self.attn_norm = TitansRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.memory_norm = TitansRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.activation = GATE_ACTIVATIONS[config.gate_activation]
+        self.activation = ACT2FN[config.gate_activation]
         self.gate_o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
 
     def forward(self, attended, remembered):
@@ -197,8 +194,6 @@ class MemoryAsContext(TokenMixer):
         self.output_gate = TitansOutputGate(config)
 
     def mix(self, hidden_states, tokens, rotary, state: MemoryAsContextState | None, output_attentions):
-        if output_attentions:
-            raise ValueError("output_attentions is not supported for the MAC variant (attention runs per segment).")
         x = self.input_layernorm(hidden_states)
         segment_size = self.config.segment_size
         state = state or MemoryAsContextState()
@@ -206,18 +201,21 @@ class MemoryAsContext(TokenMixer):
         segment_start = state.segment_start or memory.weights
         attention = state.attention
         cos, sin = rotary
-        outputs = []
+        outputs, weights = [], []
         for start in range(0, x.shape[1], segment_size):
             end = start + segment_size
             segment, segment_tokens = x[:, start:end], tokens.slice(start, end)
             retrieved = self.retrieve_o_proj(self.memory.recall(segment_start, self.retrieve_q_proj(segment)))
-            attended, _, attention = self.self_attn(
-                segment, segment_tokens, (cos[:, start:end], sin[:, start:end]), attention, memory_tokens=retrieved
+            attended, segment_weights, attention = self.self_attn(
+                segment, segment_tokens, (cos[:, start:end], sin[:, start:end]), attention,
+                memory_tokens=retrieved, output_attentions=output_attentions,
             )
             remembered, memory = self.memory(attended, segment_tokens, memory)
             outputs.append(self.output_gate(attended, remembered))
+            weights.append(segment_weights)
             segment_start = select_rows(segment_tokens.closes_block(segment_size), memory.weights, segment_start)
-        return torch.cat(outputs, dim=1), None, MemoryAsContextState(memory, attention, segment_start)
+        weights = torch.cat(weights, dim=2) if output_attentions else None
+        return torch.cat(outputs, dim=1), weights, MemoryAsContextState(memory, attention, segment_start)
 
 
 # The one table of block kinds: `TitansConfig.mixer_types` names an entry per layer.

@@ -1,8 +1,9 @@
 """Where the tokens of one forward pass stand, per row.
 
-Inside the model every row is "compacted": its real tokens start at column 0 (left padding moves to the end), and
-positions count real tokens only, so pads never write into the memory nor take attention, and every chunk and
-segment boundary counts from the row's own first real token (`docs/design.md`, padding).
+Inside the model every row is "packed": its real tokens come first, in order, and its pads after them (left
+padding, right padding, or pads between real tokens alike). Positions count real tokens only, so pads never write
+into the memory nor take attention, and every chunk and segment boundary counts from the row's own first real
+token (`docs/design.md`, padding). `RowPacking` moves rows into that layout and back.
 """
 
 from __future__ import annotations
@@ -14,12 +15,22 @@ import torch
 
 @dataclass
 class TokenInfo:
-    """Positions and validity of the tokens of one forward pass (compact layout: real tokens first)."""
+    """Positions and validity of the tokens of one forward pass (packed layout: real tokens first)."""
 
     positions: torch.Tensor  # (batch, T) long: index of the token among its row's real tokens
     valid: torch.Tensor  # (batch, T) bool: real token (False for padding)
     seen: torch.Tensor  # (batch,) real tokens written before this pass
     all_valid: bool  # no padding at all (lets the hot path skip masking)
+    columns: torch.Tensor  # (batch, T) long: the token's input column, counting every column a cache consumed
+    num_columns: int  # input columns so far, this pass's included (the key axis of returned attention weights)
+
+    @classmethod
+    def unpadded(cls, batch_size: int, length: int, device=None) -> "TokenInfo":
+        """A fresh pass over `length` real tokens per row, without a cache."""
+        positions = torch.arange(length, device=device).expand(batch_size, -1)
+        valid = torch.ones(batch_size, length, dtype=torch.bool, device=device)
+        seen = torch.zeros(batch_size, dtype=torch.long, device=device)
+        return cls(positions, valid, seen, True, positions, length)
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -33,22 +44,56 @@ class TokenInfo:
     def slice(self, start: int, end: int) -> "TokenInfo":
         valid = self.valid[:, start:end]
         seen = self.seen + self.valid[:, :start].sum(dim=1)
-        return TokenInfo(self.positions[:, start:end], valid, seen, self.all_valid)
+        return TokenInfo(
+            self.positions[:, start:end], valid, seen, self.all_valid, self.columns[:, start:end], self.num_columns
+        )
 
     def closes_block(self, block_size: int) -> torch.Tensor:
         """(batch,) bool: the row wrote a token in this pass and its last one ends a block of `block_size`."""
         return (self.lengths > 0) & (self.next_position % block_size == 0)
 
 
-def shift_rows(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """out[r, t] = x[r, t - shift[r]] (zero where that falls outside): moves each row along dim 1."""
-    if not bool(shift.any()):
-        return x
-    seq_len = x.shape[1]
-    source = torch.arange(seq_len, device=x.device)[None, :] - shift[:, None]
-    inside = (source >= 0) & (source < seq_len)
-    index = source.clamp(0, seq_len - 1)
-    index = index.view(*index.shape, *([1] * (x.dim() - 2))).expand_as(x)
-    out = x.gather(1, index)
-    inside = inside.view(*inside.shape, *([1] * (x.dim() - 2)))
-    return out * inside if out.dtype != torch.bool else out & inside
+class RowPacking:
+    """Packs each row of a (batch, T, ...) input so that its real tokens come first, in order, and unpacks outputs
+    back to the input's columns. Rows whose real tokens already come first (no padding, right padding) stay as
+    they are; otherwise pads are zero in both layouts."""
+
+    def __init__(self, mask: torch.Tensor):
+        """`mask` (batch, T) bool: True for real tokens."""
+        self.mask = mask
+        as_int = mask.long()
+        self.order = None  # order[r, t]: the input column of packed slot t; None: every row is packed already
+        self.valid = mask  # (batch, T) bool: real tokens in the packed layout
+        if not bool((as_int.cummin(dim=1).values == as_int).all()):
+            self.order = torch.argsort(1 - as_int, dim=1, stable=True)
+            self.inverse = torch.argsort(self.order, dim=1)
+            self.valid = torch.arange(mask.shape[1], device=mask.device) < as_int.sum(dim=1, keepdim=True)
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, T, ...) over the input columns -> the packed layout."""
+        if self.order is None:
+            return x
+        return zero_pads(gather_rows(x, self.order, dim=1), self.valid, dim=1)
+
+    def unpack(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """An output whose `dim` runs over the packed tokens -> the same over the input columns."""
+        if self.order is None:
+            return x
+        return zero_pads(gather_rows(x, self.inverse, dim), self.mask, dim)
+
+
+def along(t: torch.Tensor, x: torch.Tensor, dim: int) -> torch.Tensor:
+    """A (batch, T) tensor viewed to broadcast against `x`, whose rows are on dim 0 and T on `dim`."""
+    shape = [t.shape[0]] + [1] * (x.dim() - 1)
+    shape[dim] = t.shape[1]
+    return t.reshape(shape)
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
+    """out[r, ..., t, ...] = x[r, ..., index[r, t], ...] along `dim`."""
+    return x.gather(dim, along(index, x, dim).expand(*x.shape[:dim], index.shape[1], *x.shape[dim + 1 :]))
+
+
+def zero_pads(x: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """x with the entries where the (batch, T) `mask` is False set to zero."""
+    return x * along(mask, x, dim).to(x.dtype)

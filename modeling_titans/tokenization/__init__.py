@@ -1,4 +1,4 @@
-"""Tokenizers for Titans, installed as `modeling_titans.tokenization`.
+"""Tokenizers for Titans.
 
 - `TitansByteTokenizer`: the default, one token per UTF-8 byte (vocab 259), no vocabulary file.
 - `train_byte_level_bpe`: learns a byte-level BPE `tokenizer.json` on your own text files (`titans tokenizer`).

@@ -1,4 +1,4 @@
-"""Share Titans checkpoints on the Hugging Face Hub (installed as `modeling_titans.hub_upload`).
+"""Share Titans checkpoints on the Hugging Face Hub.
 
 - `export_checkpoint(ckpt_dir, out_dir)`: a self-contained repository folder (safetensors weights, config with
   `auto_map`, tokenizer, flat remote code generated from this package, model card) that loads with

@@ -7,10 +7,13 @@ import json
 import os
 
 from transformers import PreTrainedConfig
+from transformers.activations import ACT2CLS
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 # The paper's four variants (Sec. 4). Each names a token-mixer class in `layers/token_mixers.py` (`TOKEN_MIXERS`).
 VARIANTS = ("mac", "mag", "mal", "lmm")
-GATE_ACTIVATIONS = ("sigmoid", "silu", "tanh")
+ACTIVATIONS = tuple(sorted(ACT2CLS))  # the names transformers' ACT2FN knows
+ROPE_TYPES = ("default", *sorted(ROPE_INIT_FUNCTIONS))
 PRESET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")
 
 # Version of the config format written by this code. A checkpoint written by a newer format is refused with a
@@ -23,7 +26,11 @@ TITANS_FORMAT_VERSION = 2
 class TitansConfig(PreTrainedConfig):
     r"""Configuration of a Titans language model (Behrouz et al., arXiv 2501.00663).
 
-    Backbone fields are the usual Llama ones. Titans fields:
+    Backbone fields are the usual Llama ones, read as transformers 5 reads them: `hidden_act` names the MLP's
+    activation in `transformers.activations.ACT2FN`, and `rope_parameters` holds `rope_type` ("default" or any
+    RoPE scaling of `transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS`: linear, dynamic, yarn, llama3, ...),
+    `rope_theta` and the type's own fields; `rope_theta=...` and the older `rope_scaling={...}` are read into it.
+    Titans fields:
 
     - `variant`: `"mac"` (memory as context), `"mag"` (memory as gate), `"mal"` (memory as layer) or `"lmm"`
       (the neural memory alone).
@@ -45,7 +52,7 @@ class TitansConfig(PreTrainedConfig):
       theta / theta_max; they set the gate biases.
     - Ablations of the paper's Table 5: `use_momentum`, `use_forgetting`, `use_conv`,
       `num_persistent_tokens=0`, `memory_depth=1`.
-    - `gate_activation`: the non-linearity of the MAG / MAC output gate.
+    - `gate_activation`: the non-linearity of the MAG / MAC output gate (a name in ACT2FN).
     """
 
     model_type = "titans"
@@ -61,7 +68,7 @@ class TitansConfig(PreTrainedConfig):
     max_position_embeddings: int = 1_048_576
     initializer_range: float = 0.02
     rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
+    rope_parameters: dict | None = None
     attention_dropout: float = 0.0
     use_cache: bool = True
     tie_word_embeddings: bool = False
@@ -165,14 +172,31 @@ class TitansConfig(PreTrainedConfig):
         for field in ("memory_forget_init", "memory_momentum_init", "memory_lr_init"):
             require(0.0 < getattr(self, field) < 1.0, field, "must lie strictly between 0 and 1")
         require(self.rms_norm_eps > 0, "rms_norm_eps", "must be > 0")
-        require(self.rope_theta > 0, "rope_theta", "must be > 0")
+        self.validate_rope_parameters(require)
         require(0.0 <= self.initializer_range <= 1.0, "initializer_range", "must lie in [0, 1]")
         require(0.0 <= self.attention_dropout < 1.0, "attention_dropout", "must lie in [0, 1)")
-        require(self.gate_activation in GATE_ACTIVATIONS, "gate_activation", f"must be one of {GATE_ACTIVATIONS}")
-        require(self.hidden_act == "silu", "hidden_act", "only 'silu' (SwiGLU MLP) is implemented")
+        for field in ("hidden_act", "gate_activation"):
+            require(getattr(self, field) in ACTIVATIONS, field, f"must be one of ACT2FN's {ACTIVATIONS}")
         for field in ("pad_token_id", "bos_token_id"):
             value = getattr(self, field)
             require(value is None or 0 <= value < self.vocab_size, field, f"must be None or in [0, {self.vocab_size})")
+
+    def validate_rope_parameters(self, require):
+        """`rope_parameters` as transformers checks them (`validate_rope`: the fields each type needs), plus what
+        Titans' rotary embedding needs: a known `rope_type`, `rope_theta` > 0 and the rotation of whole heads."""
+        rope = self.rope_parameters
+        require(rope.get("rope_type") in ROPE_TYPES, "rope_parameters", f"rope_type must be one of {ROPE_TYPES}")
+        theta = rope.get("rope_theta")
+        require(isinstance(theta, (int, float)) and theta > 0, "rope_parameters", "rope_theta must be > 0")
+        require(
+            rope.get("partial_rotary_factor", 1.0) == 1.0,
+            "rope_parameters",
+            "partial_rotary_factor must be 1 (RoPE rotates whole heads)",
+        )
+        try:
+            self.validate_rope()
+        except (KeyError, ValueError) as error:
+            raise ValueError(f"TitansConfig.rope_parameters={rope!r} is invalid: {error.args[0]}") from None
 
     @staticmethod
     def available_presets() -> list[str]:
