@@ -164,17 +164,22 @@ class TitansNeuralMemory(nn.Module):
             return neural_memory_step(self.network, state, q, k, v, *gates, closes_chunk, row_mask)
         return neural_memory_scan(self.network, state, q, k, v, *gates, self.chunk_size, write_mask)
 
-    def forward(self, x: torch.Tensor, tokens: TokenInfo, state: NeuralMemoryState | None):
-        """x (batch, T, hidden) -> output (batch, T, hidden) and the state after the last real token."""
-        state = state if state is not None else self.initial_state(x.shape[0])
-        if not tokens.all_valid:
-            x = x * tokens.valid.unsqueeze(-1).to(x.dtype)
+    def project(self, x: torch.Tensor, tokens: TokenInfo, state: NeuralMemoryState):
+        """q, k, v (batch, heads, T, head_dim) of the tokens, q and k l2-normalised, and the new convolution tail.
+        `x` must be zero at padding (`forward` masks it)."""
         qkv = torch.cat([self.mem_q_proj(x), self.mem_k_proj(x), self.mem_v_proj(x)], dim=-1)
         conv_tail = None
         if self.conv is not None:
             qkv, conv_tail = self.causal_conv(qkv, state.conv_tail, tokens)
         q, k, v = (self.split_heads(t) for t in F.silu(qkv).chunk(3, dim=-1))
-        q, k = l2_normalize(q), l2_normalize(k)
+        return l2_normalize(q), l2_normalize(k), v, conv_tail
+
+    def forward(self, x: torch.Tensor, tokens: TokenInfo, state: NeuralMemoryState | None):
+        """x (batch, T, hidden) -> output (batch, T, hidden) and the state after the last real token."""
+        state = state if state is not None else self.initial_state(x.shape[0])
+        if not tokens.all_valid:
+            x = x * tokens.valid.unsqueeze(-1).to(x.dtype)
+        q, k, v, conv_tail = self.project(x, tokens, state)
         if self.writes_enabled:
             reads, memory = self.write_and_read(state, q, k, v, self.gates(x), tokens)
         else:  # nothing written, nothing forgotten: every token reads the current weights
