@@ -2,7 +2,7 @@
 
     q, k, v = SiLU(causal depthwise conv(Linear(x))), q and k l2-normalised per head
     alpha_t, eta_t, theta_t: per-token, per-head gates from x (forget, momentum, inner learning rate)
-    y_t = M_t*(q_t) after writing (k_t, v_t)                        (`ops.neural_memory`)
+    y_t = M_t*(q_t) after writing (k_t, v_t)                        (`ops.chunk_scan`, `ops.neural_memory`)
     o = W_O(RMSNorm(y) * SiLU(W_G x))
 
 The projections are named `mem_*` so that PEFT can target them apart from attention's `q_proj` etc.
@@ -17,14 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.chunk_scan import checkpointed_memory_scan
 from ..ops.memory_network import MemoryMLP
-from ..ops.neural_memory import (
-    MemoryState,
-    compute_dtype,
-    initial_state,
-    neural_memory_scan,
-    neural_memory_step,
-)
+from ..ops.neural_memory import MemoryState, compute_dtype, initial_state, neural_memory_step
 from .basics import TitansRMSNorm
 from .tokens import TokenInfo
 
@@ -159,7 +154,7 @@ class TitansNeuralMemory(nn.Module):
                 self.network, state, q, k, v, log_retain, log_momentum, lr, closes_chunk, row_mask
             )
         else:
-            reads, memory = neural_memory_scan(
+            reads, memory = checkpointed_memory_scan(
                 self.network, state, q, k, v, log_retain, log_momentum, lr, self.chunk_size, write_mask
             )
         y = self.out_norm(reads.to(x.dtype)).transpose(1, 2).flatten(2)  # (batch, T, hidden)
