@@ -50,7 +50,8 @@ def add_arguments(parser):
     parser.add_argument("--train-lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--tokens-per-step", type=int, default=4096, help="batch = this // length (at least 1)")
     parser.add_argument(
-        "--decode-contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768, 65536]
+        "--decode-contexts", type=int, nargs="*", default=[1024, 2048, 4096, 8192, 16384, 32768, 65536],
+        help="none: training only",
     )
     parser.add_argument("--decode-steps", type=int, default=16, help="timed decode steps per context length")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))

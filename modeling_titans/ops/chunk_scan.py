@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .memory_network import MemoryMLP, Weights
+from .memory_network import MemoryMLP, Weights, _add
 from .neural_memory import (
     ChunkCoefficients,
     MemoryState,
@@ -165,45 +165,111 @@ class _CheckpointedScan(torch.autograd.Function):
         per_state = depth * (3 if has_momentum else 2)
         flat = saved[3:]
         checkpoints = [flat[i : i + per_state] for i in range(0, len(flat), per_state)]
-        d_weights, d_snapshot, d_momentum = d_state[:depth], d_state[depth : 2 * depth], d_state[2 * depth :]
-        # carried gradient of the state at the current segment's end, in the order snapshot, weights, momentum
-        d_carry = [*d_snapshot, *d_weights, *d_momentum]
-        sequence_grads = [torch.zeros_like(x) for x in (queries, keys, values)]
+        coefficients = ChunkCoefficients(*coefficient_tensors).unbind(2)
+        if d_reads is None:
+            d_reads = torch.zeros_like(queries)
+        # gradient of the state after the current chunk: snapshot, weights, momentum (per layer, None for zero)
+        d_weights, d_snapshot = list(d_state[:depth]), list(d_state[depth : 2 * depth])
+        d_momentum = list(d_state[2 * depth :]) or None
+        sequence_grads = [torch.empty_like(x) for x in (queries, keys, values)]
         coefficient_grads = [None if t is None else torch.zeros_like(t) for t in coefficient_tensors]
-        num_chunks = coefficient_tensors[0].shape[2]
+
+        def chunk(x, n):
+            return x[..., n * chunk_size : (n + 1) * chunk_size, :]
+
         for index in reversed(range(len(checkpoints))):
-            start = index * segment
-            stop = min(start + segment, num_chunks)
-            tokens = slice(start * chunk_size, stop * chunk_size)
-            with torch.enable_grad():
-                state_leaves = [t.detach().requires_grad_() for t in checkpoints[index]]
-                sequence_leaves = [x[..., tokens, :].detach().requires_grad_() for x in (queries, keys, values)]
-                coefficient_leaves = [
-                    None if t is None else t[:, :, start:stop].detach().requires_grad_() for t in coefficient_tensors
-                ]
-                state = (state_leaves[:depth], state_leaves[depth : 2 * depth], state_leaves[2 * depth :] or None)
-                reads, end = _run_chunks(
-                    network, chunk_size, closes, start, state, *sequence_leaves,
-                    ChunkCoefficients(*coefficient_leaves).unbind(2),
+            # Replay the segment from its saved state, keeping each chunk's starting state and intermediates.
+            first = index * segment
+            saved_state = checkpoints[index]
+            state = (saved_state[:depth], saved_state[depth : 2 * depth], saved_state[2 * depth :] or None)
+            replay = []
+            for n in range(first, min(first + segment, len(coefficients))):
+                tape = {}
+                snapshot, weights, momentum = state
+                _, new_weights, new_momentum = chunk_update(
+                    network, snapshot, weights, momentum, chunk(queries, n), chunk(keys, n), chunk(values, n),
+                    coefficients[n], tape,
                 )
-                end_tensors = [t for part in end if part is not None for t in part]
-                outputs = [*reads, *end_tensors]
-                read_grads = [None] * len(reads) if d_reads is None else d_reads[..., tokens, :].split(chunk_size, dim=-2)
-                grads = [*read_grads, *d_carry]
-                keep = [i for i, g in enumerate(grads) if g is not None]
-                inputs = [*state_leaves, *sequence_leaves, *(t for t in coefficient_leaves if t is not None)]
-                result = torch.autograd.grad(
-                    [outputs[i] for i in keep], inputs, [grads[i] for i in keep], allow_unused=True
+                replay.append((n, state, tape))
+                state = (_after_chunk(closes[n], new_weights, snapshot), new_weights, new_momentum)
+            for n, (snapshot, weights, momentum), tape in reversed(replay):
+                d_weights, d_snapshot = _after_chunk_backward(closes[n], d_weights, d_snapshot)
+                grads = _chunk_backward(
+                    network, snapshot, weights, momentum, chunk(keys, n), coefficients[n], tape,
+                    chunk(d_reads, n), d_weights, d_momentum,
                 )
-            d_carry = list(result[: len(state_leaves)])
-            rest = list(result[len(state_leaves) :])
-            for buffer, grad in zip(sequence_grads, rest[:3]):
-                if grad is not None:
-                    buffer[..., tokens, :] = grad
-            rest = rest[3:]
-            for buffer in coefficient_grads:
-                if buffer is not None:
-                    grad = rest.pop(0)
-                    if grad is not None:
-                        buffer[:, :, start:stop] = grad
-        return (None, None, None, None, None, *sequence_grads, *coefficient_grads, *d_carry)
+                d_grad_point, d_weights, d_momentum, sequence, coefficient = grads
+                d_snapshot = [_add(a, b) for a, b in zip(d_snapshot, d_grad_point)]
+                for buffer, grad in zip(sequence_grads, sequence):
+                    chunk(buffer, n).copy_(grad)
+                for buffer, grad in zip(coefficient_grads, coefficient):
+                    if buffer is not None:
+                        buffer[:, :, n] = grad
+        return (None, None, None, None, None, *sequence_grads, *coefficient_grads, *d_snapshot, *d_weights, *(d_momentum or ()))
+
+
+def _after_chunk_backward(closes, d_weights: list, d_snapshot: list):
+    """Backward of `_after_chunk`: the snapshot's gradient moves to the end weights where the chunk closes."""
+    if closes is False:
+        return d_weights, d_snapshot
+    if closes is True:
+        return [_add(w, p) for w, p in zip(d_weights, d_snapshot)], [None] * len(d_snapshot)
+    row = closes.view(-1, 1, 1, 1)
+    moved = [None if p is None else torch.where(row, p, 0.0) for p in d_snapshot]
+    kept = [None if p is None else torch.where(row, 0.0, p) for p in d_snapshot]
+    return [_add(w, m) for w, m in zip(d_weights, moved)], kept
+
+
+def _chunk_backward(network, grad_point, weights, momentum, keys, coefficients, tape, d_reads, d_new_weights, d_new_momentum):
+    """Gradients of one `chunk_update` from its tape, by hand.
+
+    The end state (with per-(row, head) scalars beta_e = beta_c, A_e = A_c, E = E_c and per-token columns
+    c_e = C_{c,:}, sigma = theta_i E_c / E_i):
+        W' = beta_e W + A_e S - a^T (c_e g),   S' = E S - a^T (sigma g)
+    so for gradients dW', dS':  dW = beta_e dW',  dS = A_e dW' + E dS',  d beta_e = <W, dW'>,  d A_e = <S, dW'>,
+    dE = <S, dS'>,  da = -(c_e g) dW'^T - (sigma g) dS'^T,  dg = -c_e (a dW') - sigma (a dS'),
+    d c_e = -rowsum(g (a dW')),  d sigma = -rowsum(g (a dS')).  The reads' gradients come from
+    `MemoryMLP.chunk_read_backward`; both reach the gradient point M_{t'}, k and v through
+    `MemoryMLP.gradient_factors_backward`.
+
+    Returns (d grad_point, d weights, d momentum, (dq, dk, dv), (d beta, d coeff, d carry, d surprise, d eta_total)).
+    """
+    inputs, errors = tape["inputs"], tape["errors"]
+    read = network.chunk_read_backward(weights, momentum, tape, coefficients, d_reads)
+    d_weights, d_momentum, d_inputs, d_errors, d_queries, d_beta, d_coeff, d_carry = read
+    d_beta, d_coeff = d_beta.clone(), d_coeff.clone()
+    beta_end = coefficients.beta[..., -1:, :]
+    last_coeff = coefficients.coeff[..., -1, :].unsqueeze(-1)
+    d_surprise = d_eta_total = None
+    if momentum is not None:
+        d_carry = d_carry.clone()
+        d_surprise = torch.zeros_like(coefficients.surprise)
+        d_eta_total = torch.zeros_like(coefficients.eta_total)
+    for layer, (a, g) in enumerate(zip(inputs, errors)):
+        d_new_w = d_new_weights[layer]
+        if d_new_w is not None:
+            d_weights[layer] = _add(d_weights[layer], beta_end * d_new_w)
+            d_beta[..., -1:, :] += _inner(weights[layer], d_new_w)
+            pulled = a @ d_new_w  # a dW'
+            d_errors[layer] = d_errors[layer] - last_coeff * pulled
+            d_coeff[..., -1:, :] -= (g * pulled).sum(-1).unsqueeze(-2)
+            d_inputs[layer] = d_inputs[layer] - (last_coeff * g) @ d_new_w.transpose(-1, -2)
+            if momentum is not None:
+                d_momentum[layer] = d_momentum[layer] + coefficients.carry[..., -1:, :] * d_new_w
+                d_carry[..., -1:, :] += _inner(momentum[layer], d_new_w)
+        d_new_s = None if d_new_momentum is None else d_new_momentum[layer]
+        if d_new_s is not None:
+            d_momentum[layer] = d_momentum[layer] + coefficients.eta_total * d_new_s
+            d_eta_total += _inner(momentum[layer], d_new_s)
+            pulled = a @ d_new_s  # a dS'
+            d_errors[layer] = d_errors[layer] - coefficients.surprise * pulled
+            d_surprise -= (g * pulled).sum(-1, keepdim=True)
+            d_inputs[layer] = d_inputs[layer] - (coefficients.surprise * g) @ d_new_s.transpose(-1, -2)
+    d_grad_point, d_keys, d_values = network.gradient_factors_backward(grad_point, keys, tape, d_inputs, d_errors)
+    coefficient_grads = (d_beta, d_coeff, d_carry, d_surprise, d_eta_total)
+    return d_grad_point, d_weights, d_momentum, (d_queries, d_keys, d_values), coefficient_grads
+
+
+def _inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """<a, b> over the last two dims, kept as (..., 1, 1)."""
+    return (a * b).sum((-2, -1), keepdim=True)

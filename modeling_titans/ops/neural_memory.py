@@ -140,6 +140,7 @@ def chunk_update(
     keys: torch.Tensor,
     values: torch.Tensor,
     coefficients: ChunkCoefficients,
+    tape: dict | None = None,
 ):
     """Writes one chunk of tokens and reads every token's query after its own write.
 
@@ -149,12 +150,13 @@ def chunk_update(
         weights, momentum: M and S before the first token of the chunk (momentum None: eta = 0).
         queries, keys, values: (batch, heads, c, d_head).
         coefficients: the chunk's gate algebra (`chunk_coefficients`).
+        tape: a dict that receives the intermediates of the backward pass in `chunk_scan.py`, or None.
 
     Returns:
         reads (batch, heads, c, d_head) = M_t*(q_t) per token, and M, S after the last token.
     """
-    inputs, errors = network.gradient_factors(grad_point, keys, values)
-    reads = network.chunk_read(weights, momentum, inputs, errors, queries, coefficients)
+    inputs, errors = network.gradient_factors(grad_point, keys, values, tape)
+    reads = network.chunk_read(weights, momentum, inputs, errors, queries, coefficients, tape)
     beta_end = coefficients.beta[..., -1:, :]
     last_coeff = coefficients.coeff[..., -1, :].unsqueeze(-1)  # C_{c,i}
     if momentum is None:
