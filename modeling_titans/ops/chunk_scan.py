@@ -11,12 +11,17 @@ size, ~64 KiB per layer for the benchmark's memory at chunk 16, several times wh
 
 How (the checkpointing of linear-attention / test-time-training kernels): the sequence's N chunks are cut into
 segments of k chunks (k ~ sqrt(N)). The forward pass runs without autograd and keeps the carried state
-(M_{t'}, M, S) at the start of every segment. The backward pass takes the segments in reverse: it reruns one
-segment's forward from its saved state with autograd on, and `torch.autograd.grad` takes that segment's
-gradients w.r.t. its inputs (q, k, v, the gate coefficients) and its starting state, given the gradients of its
-reads and of its end state (carried from the segment after it). Memory: N / k saved states plus one segment's
-graph (k chunks); time: one more forward pass of the op. Every gradient is the one of `neural_memory_scan`:
-the recomputed segment is the same `chunk_update`, second-order terms of the inner gradient included.
+(M_{t'}, M, S) at the start of every segment. The backward pass takes the segments in reverse: it replays one
+segment's forward from its saved state, keeping each chunk's starting state and intermediates (the "tape"), then
+applies hand-derived gradient formulas (`MemoryMLP.chunk_read_backward`, `MemoryMLP.gradient_factors_backward`,
+`_end_state_backward`, each deriving its formulas) chunk by chunk in reverse, carrying the gradients of the
+state from chunk to chunk. Memory: N / k saved states plus one segment's states and tapes; time: one more forward
+pass of the op, and a backward pass without autograd's graph. The gradients are those of `neural_memory_scan`,
+second-order terms of the inner gradient included (`tests/test_chunk_scan.py`: float64, 1e-10, and gradcheck).
+
+Fewer, larger kernels: within a segment only the writes are sequential (a chunk's gradients are taken at the
+weights its predecessor wrote); given every chunk's starting state, the dual-form reads of all the segment's
+chunks, and their backward, are independent, so each runs as one batched call over (batch, heads, chunks).
 
 The sequence is padded to whole chunks with identity tokens (alpha = 0, eta = 1, theta = 0, masked out of the
 closed form by `chunk_coefficients`), so every chunk has one shape and the gate algebra of all chunks is one
@@ -38,7 +43,7 @@ from .neural_memory import (
     MemoryState,
     _to_dtype,
     chunk_coefficients,
-    chunk_update,
+    chunk_end_state,
     compute_dtype,
     mask_gates,
 )
@@ -110,17 +115,54 @@ def _after_chunk(closes: bool | torch.Tensor, weights: Weights, snapshot: Weight
     return tuple(torch.where(row, w, p) for w, p in zip(weights, snapshot))
 
 
-def _run_chunks(network, chunk_size, closes, first, state, queries, keys, values, coefficients: list[ChunkCoefficients]):
-    """`chunk_update` over consecutive chunks from `state` = (snapshot, weights, momentum or None); chunk `first`
-    is the first one's index in `closes`. Returns the reads (one tensor per chunk) and the end state."""
-    snapshot, weights, momentum = state
-    reads = []
-    parts = (x.split(chunk_size, dim=-2) for x in (queries, keys, values))
-    for n, (q, k, v, chunk_coefficients) in enumerate(zip(*parts, coefficients), start=first):
-        chunk_reads, weights, momentum = chunk_update(network, snapshot, weights, momentum, q, k, v, chunk_coefficients)
-        snapshot = _after_chunk(closes[n], weights, snapshot)
-        reads.append(chunk_reads)
-    return reads, (snapshot, weights, momentum)
+def _after_chunk_backward(closes, d_weights: list, d_snapshot: list):
+    """Backward of `_after_chunk`: the snapshot's gradient moves to the end weights where the chunk closes."""
+    if closes is False:
+        return d_weights, d_snapshot
+    if closes is True:
+        return [_add(w, p) for w, p in zip(d_weights, d_snapshot)], [None] * len(d_snapshot)
+    row = closes.view(-1, 1, 1, 1)
+    moved = [None if p is None else torch.where(row, p, 0.0) for p in d_snapshot]
+    kept = [None if p is None else torch.where(row, 0.0, p) for p in d_snapshot]
+    return [_add(w, m) for w, m in zip(d_weights, moved)], kept
+
+
+class _Segment:
+    """The forward pass over one segment of consecutive chunks, in two steps: the writes, chunk after chunk (each
+    chunk's gradient factors need the weights its predecessor wrote), then the reads of all its chunks at once
+    (given every chunk's starting state, the dual-form reads of different chunks are independent), batched over
+    a chunk dim placed after (batch, heads).
+
+    With `keep_tapes`, it keeps what the backward pass needs: every chunk's starting state and
+    `gradient_factors` tape, and the tape of the batched read."""
+
+    def __init__(self, network, chunk_size, closes, first, state, queries, keys, values, coefficients, keep_tapes):
+        snapshot, weights, momentum = state
+        chunk_coefficients = coefficients.unbind(2)
+        self.starts, self.factor_tapes = [], []
+        inputs, errors = [], []
+        parts = zip(keys.split(chunk_size, dim=-2), values.split(chunk_size, dim=-2), chunk_coefficients)
+        for n, (k, v, chunk_coeffs) in enumerate(parts, start=first):
+            self.starts.append((snapshot, weights, momentum))
+            tape = {} if keep_tapes else None
+            chunk_inputs, chunk_errors = network.gradient_factors(snapshot, k, v, tape)
+            weights, momentum = chunk_end_state(weights, momentum, chunk_inputs, chunk_errors, chunk_coeffs)
+            snapshot = _after_chunk(closes[n], weights, snapshot)
+            inputs.append(chunk_inputs)
+            errors.append(chunk_errors)
+            self.factor_tapes.append(tape)
+        self.end = (snapshot, weights, momentum)
+
+        def stacked(per_chunk):  # one tensor per memory layer, chunks on dim 2
+            return [torch.stack(layer, dim=2) for layer in zip(*per_chunk)]
+
+        self.weights = stacked([s[1] for s in self.starts])
+        self.momentum = None if momentum is None else stacked([s[2] for s in self.starts])
+        self.read_tape = {} if keep_tapes else None
+        self.reads = network.chunk_read(
+            self.weights, self.momentum, stacked(inputs), stacked(errors),
+            queries.unflatten(-2, (-1, chunk_size)), coefficients, self.read_tape,
+        ).flatten(2, 3)
 
 
 class _CheckpointedScan(torch.autograd.Function):
@@ -132,18 +174,17 @@ class _CheckpointedScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, network, chunk_size, closes, segment, depth, queries, keys, values, *tensors):
         coefficient_tensors, states = tensors[:5], tensors[5:]
-        coefficients = ChunkCoefficients(*coefficient_tensors).unbind(2)
+        coefficients = ChunkCoefficients(*coefficient_tensors)
         state = (states[:depth], states[depth : 2 * depth], states[2 * depth :] or None)
-        span = segment * chunk_size
         reads, saved = [], []
-        for start in range(0, len(coefficients), segment):
+        for first, tokens, segment_coefficients in _segments(coefficients, segment, chunk_size):
             saved.append(state)
-            chunk_reads, state = _run_chunks(
-                network, chunk_size, closes, start, state,
-                *(x[..., start * chunk_size : start * chunk_size + span, :] for x in (queries, keys, values)),
-                coefficients[start : start + segment],
+            run = _Segment(
+                network, chunk_size, closes, first, state, *(x[..., tokens, :] for x in (queries, keys, values)),
+                segment_coefficients, keep_tapes=False,
             )
-            reads += chunk_reads
+            reads.append(run.reads)
+            state = run.end
         snapshot, weights, momentum = state
         # The snapshot may be the end weights or an input (when no chunk closes); an output of its own must be
         # a tensor of its own.
@@ -165,109 +206,113 @@ class _CheckpointedScan(torch.autograd.Function):
         per_state = depth * (3 if has_momentum else 2)
         flat = saved[3:]
         checkpoints = [flat[i : i + per_state] for i in range(0, len(flat), per_state)]
-        coefficients = ChunkCoefficients(*coefficient_tensors).unbind(2)
         if d_reads is None:
             d_reads = torch.zeros_like(queries)
         # gradient of the state after the current chunk: snapshot, weights, momentum (per layer, None for zero)
         d_weights, d_snapshot = list(d_state[:depth]), list(d_state[depth : 2 * depth])
         d_momentum = list(d_state[2 * depth :]) or None
         sequence_grads = [torch.empty_like(x) for x in (queries, keys, values)]
-        coefficient_grads = [None if t is None else torch.zeros_like(t) for t in coefficient_tensors]
-
-        def chunk(x, n):
-            return x[..., n * chunk_size : (n + 1) * chunk_size, :]
-
-        for index in reversed(range(len(checkpoints))):
-            # Replay the segment from its saved state, keeping each chunk's starting state and intermediates.
-            first = index * segment
-            saved_state = checkpoints[index]
+        coefficient_grads = [None if t is None else torch.empty_like(t) for t in coefficient_tensors]
+        segments = list(_segments(ChunkCoefficients(*coefficient_tensors), segment, chunk_size))
+        for (first, tokens, coefficients), saved_state in reversed(list(zip(segments, checkpoints))):
             state = (saved_state[:depth], saved_state[depth : 2 * depth], saved_state[2 * depth :] or None)
-            replay = []
-            for n in range(first, min(first + segment, len(coefficients))):
-                tape = {}
-                snapshot, weights, momentum = state
-                _, new_weights, new_momentum = chunk_update(
-                    network, snapshot, weights, momentum, chunk(queries, n), chunk(keys, n), chunk(values, n),
-                    coefficients[n], tape,
+            run = _Segment(
+                network, chunk_size, closes, first, state, *(x[..., tokens, :] for x in (queries, keys, values)),
+                coefficients, keep_tapes=True,
+            )
+            # The reads' backward needs no gradient from later chunks: all the segment's chunks at once.
+            read = network.chunk_read_backward(
+                run.weights, run.momentum, run.read_tape, coefficients, d_reads[..., tokens, :].unflatten(-2, (-1, chunk_size))
+            )
+            read_weights, read_momentum, read_inputs, read_errors, d_queries, d_beta, d_coeff, d_carry = read
+            d_surprise = None if coefficients.surprise is None else torch.zeros_like(coefficients.surprise)
+            d_eta_total = None if coefficients.eta_total is None else torch.zeros_like(coefficients.eta_total)
+            d_keys, d_values = [], []
+            keys_parts = keys[..., tokens, :].split(chunk_size, dim=-2)
+            chunk_coefficients = coefficients.unbind(2)
+            for j in reversed(range(len(run.starts))):
+                snapshot, weights, momentum = run.starts[j]
+                d_weights, d_snapshot = _after_chunk_backward(closes[first + j], d_weights, d_snapshot)
+                grads = _end_state_backward(
+                    weights, momentum, run.factor_tapes[j], chunk_coefficients[j], d_weights, d_momentum
                 )
-                replay.append((n, state, tape))
-                state = (_after_chunk(closes[n], new_weights, snapshot), new_weights, new_momentum)
-            for n, (snapshot, weights, momentum), tape in reversed(replay):
-                d_weights, d_snapshot = _after_chunk_backward(closes[n], d_weights, d_snapshot)
-                grads = _chunk_backward(
-                    network, snapshot, weights, momentum, chunk(keys, n), coefficients[n], tape,
-                    chunk(d_reads, n), d_weights, d_momentum,
+                d_weights, d_momentum, d_inputs, d_errors, end_coefficient_grads = grads
+                d_weights = [_add(d, r[:, :, j]) for d, r in zip(d_weights, read_weights)]
+                if momentum is not None:
+                    d_momentum = [_add(d, r[:, :, j]) for d, r in zip(d_momentum, read_momentum)]
+                d_inputs = [_add(d, r[:, :, j]) for d, r in zip(d_inputs, read_inputs)]
+                d_errors = [_add(d, r[:, :, j]) for d, r in zip(d_errors, read_errors)]
+                d_grad_point, d_k, d_v = network.gradient_factors_backward(
+                    snapshot, keys_parts[j], run.factor_tapes[j], d_inputs, d_errors
                 )
-                d_grad_point, d_weights, d_momentum, sequence, coefficient = grads
                 d_snapshot = [_add(a, b) for a, b in zip(d_snapshot, d_grad_point)]
-                for buffer, grad in zip(sequence_grads, sequence):
-                    chunk(buffer, n).copy_(grad)
-                for buffer, grad in zip(coefficient_grads, coefficient):
-                    if buffer is not None:
-                        buffer[:, :, n] = grad
+                d_keys.append(d_k)
+                d_values.append(d_v)
+                d_beta_end, d_last_coeff, d_carry_end, d_surprise_j, d_eta_total_j = end_coefficient_grads
+                d_beta[:, :, j, -1:] += d_beta_end
+                d_coeff[:, :, j, -1:] += d_last_coeff
+                if momentum is not None:
+                    d_carry[:, :, j, -1:] += d_carry_end
+                    d_surprise[:, :, j] = d_surprise_j
+                    d_eta_total[:, :, j] = d_eta_total_j
+            sequence_grads[0][..., tokens, :] = d_queries.flatten(2, 3)
+            sequence_grads[1][..., tokens, :] = torch.cat(d_keys[::-1], dim=-2)
+            sequence_grads[2][..., tokens, :] = torch.cat(d_values[::-1], dim=-2)
+            chunks = slice(first, first + len(run.starts))
+            for buffer, grad in zip(coefficient_grads, (d_beta, d_coeff, d_carry, d_surprise, d_eta_total)):
+                if buffer is not None:
+                    buffer[:, :, chunks] = grad
         return (None, None, None, None, None, *sequence_grads, *coefficient_grads, *d_snapshot, *d_weights, *(d_momentum or ()))
 
 
-def _after_chunk_backward(closes, d_weights: list, d_snapshot: list):
-    """Backward of `_after_chunk`: the snapshot's gradient moves to the end weights where the chunk closes."""
-    if closes is False:
-        return d_weights, d_snapshot
-    if closes is True:
-        return [_add(w, p) for w, p in zip(d_weights, d_snapshot)], [None] * len(d_snapshot)
-    row = closes.view(-1, 1, 1, 1)
-    moved = [None if p is None else torch.where(row, p, 0.0) for p in d_snapshot]
-    kept = [None if p is None else torch.where(row, 0.0, p) for p in d_snapshot]
-    return [_add(w, m) for w, m in zip(d_weights, moved)], kept
+def _segments(coefficients: ChunkCoefficients, segment: int, chunk_size: int):
+    """(first chunk, token slice, the segment's coefficients) of each segment of `segment` chunks, in order."""
+    num_chunks = coefficients.beta.shape[2]
+    for first in range(0, num_chunks, segment):
+        chunks = slice(first, min(first + segment, num_chunks))
+        fields = (coefficients.beta, coefficients.coeff, coefficients.carry, coefficients.surprise, coefficients.eta_total)
+        part = ChunkCoefficients(*(None if f is None else f[:, :, chunks] for f in fields))
+        yield first, slice(chunks.start * chunk_size, chunks.stop * chunk_size), part
 
 
-def _chunk_backward(network, grad_point, weights, momentum, keys, coefficients, tape, d_reads, d_new_weights, d_new_momentum):
-    """Gradients of one `chunk_update` from its tape, by hand.
-
-    The end state (with per-(row, head) scalars beta_e = beta_c, A_e = A_c, E = E_c and per-token columns
-    c_e = C_{c,:}, sigma = theta_i E_c / E_i):
+def _end_state_backward(weights, momentum, tape, coefficients, d_new_weights, d_new_momentum):
+    """Backward of `chunk_end_state`. With per-(row, head) scalars beta_e = beta_c, A_e = A_c, E = E_c and
+    per-token columns c_e = C_{c,:}, sigma = theta_i E_c / E_i:
         W' = beta_e W + A_e S - a^T (c_e g),   S' = E S - a^T (sigma g)
     so for gradients dW', dS':  dW = beta_e dW',  dS = A_e dW' + E dS',  d beta_e = <W, dW'>,  d A_e = <S, dW'>,
     dE = <S, dS'>,  da = -(c_e g) dW'^T - (sigma g) dS'^T,  dg = -c_e (a dW') - sigma (a dS'),
-    d c_e = -rowsum(g (a dW')),  d sigma = -rowsum(g (a dS')).  The reads' gradients come from
-    `MemoryMLP.chunk_read_backward`; both reach the gradient point M_{t'}, k and v through
-    `MemoryMLP.gradient_factors_backward`.
+    d c_e = -rowsum(g (a dW')),  d sigma = -rowsum(g (a dS')).
 
-    Returns (d grad_point, d weights, d momentum, (dq, dk, dv), (d beta, d coeff, d carry, d surprise, d eta_total)).
+    Gradients may be None (zero). Returns (dW, dS, da, dg per layer, (d beta_e, d c_e, d A_e, d sigma, dE)).
     """
     inputs, errors = tape["inputs"], tape["errors"]
-    read = network.chunk_read_backward(weights, momentum, tape, coefficients, d_reads)
-    d_weights, d_momentum, d_inputs, d_errors, d_queries, d_beta, d_coeff, d_carry = read
-    d_beta, d_coeff = d_beta.clone(), d_coeff.clone()
+    depth = len(weights)
+    d_weights, d_momentum = [None] * depth, None if momentum is None else [None] * depth
+    d_inputs, d_errors = [None] * depth, [None] * depth
+    d_beta_end = d_last_coeff = d_carry_end = d_surprise = d_eta_total = 0
     beta_end = coefficients.beta[..., -1:, :]
     last_coeff = coefficients.coeff[..., -1, :].unsqueeze(-1)
-    d_surprise = d_eta_total = None
-    if momentum is not None:
-        d_carry = d_carry.clone()
-        d_surprise = torch.zeros_like(coefficients.surprise)
-        d_eta_total = torch.zeros_like(coefficients.eta_total)
     for layer, (a, g) in enumerate(zip(inputs, errors)):
         d_new_w = d_new_weights[layer]
         if d_new_w is not None:
-            d_weights[layer] = _add(d_weights[layer], beta_end * d_new_w)
-            d_beta[..., -1:, :] += _inner(weights[layer], d_new_w)
+            d_weights[layer] = beta_end * d_new_w
+            d_beta_end = d_beta_end + _inner(weights[layer], d_new_w)
             pulled = a @ d_new_w  # a dW'
-            d_errors[layer] = d_errors[layer] - last_coeff * pulled
-            d_coeff[..., -1:, :] -= (g * pulled).sum(-1).unsqueeze(-2)
-            d_inputs[layer] = d_inputs[layer] - (last_coeff * g) @ d_new_w.transpose(-1, -2)
+            d_errors[layer] = -last_coeff * pulled
+            d_last_coeff = d_last_coeff - (g * pulled).sum(-1).unsqueeze(-2)
+            d_inputs[layer] = -((last_coeff * g) @ d_new_w.transpose(-1, -2))
             if momentum is not None:
-                d_momentum[layer] = d_momentum[layer] + coefficients.carry[..., -1:, :] * d_new_w
-                d_carry[..., -1:, :] += _inner(momentum[layer], d_new_w)
+                d_momentum[layer] = coefficients.carry[..., -1:, :] * d_new_w
+                d_carry_end = d_carry_end + _inner(momentum[layer], d_new_w)
         d_new_s = None if d_new_momentum is None else d_new_momentum[layer]
         if d_new_s is not None:
-            d_momentum[layer] = d_momentum[layer] + coefficients.eta_total * d_new_s
-            d_eta_total += _inner(momentum[layer], d_new_s)
+            d_momentum[layer] = _add(d_momentum[layer], coefficients.eta_total * d_new_s)
+            d_eta_total = d_eta_total + _inner(momentum[layer], d_new_s)
             pulled = a @ d_new_s  # a dS'
-            d_errors[layer] = d_errors[layer] - coefficients.surprise * pulled
-            d_surprise -= (g * pulled).sum(-1, keepdim=True)
-            d_inputs[layer] = d_inputs[layer] - (coefficients.surprise * g) @ d_new_s.transpose(-1, -2)
-    d_grad_point, d_keys, d_values = network.gradient_factors_backward(grad_point, keys, tape, d_inputs, d_errors)
-    coefficient_grads = (d_beta, d_coeff, d_carry, d_surprise, d_eta_total)
-    return d_grad_point, d_weights, d_momentum, (d_queries, d_keys, d_values), coefficient_grads
+            d_errors[layer] = _add(d_errors[layer], -coefficients.surprise * pulled)
+            d_surprise = d_surprise - (g * pulled).sum(-1, keepdim=True)
+            d_inputs[layer] = _add(d_inputs[layer], -((coefficients.surprise * g) @ d_new_s.transpose(-1, -2)))
+    return d_weights, d_momentum, d_inputs, d_errors, (d_beta_end, d_last_coeff, d_carry_end, d_surprise, d_eta_total)
 
 
 def _inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

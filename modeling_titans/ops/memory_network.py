@@ -135,7 +135,7 @@ class MemoryMLP(nn.Module):
             h = F.gelu(z) if layer < len(weights) - 1 else z
         if tape is not None:
             tape.update(
-                read_inputs=layer_inputs, from_weights=from_weights, from_momentum=from_momentum, scores=scores,
+                inputs=inputs, errors=errors, read_inputs=layer_inputs, from_weights=from_weights, from_momentum=from_momentum, scores=scores,
                 read_pre_activations=pre_activations,
             )
         return self._output(queries, h)

@@ -71,8 +71,10 @@ def initial_state(initial_weights, batch_size: int, use_momentum: bool = True) -
 
 def select_rows(condition: torch.Tensor, if_true: Weights, if_false: Weights) -> Weights:
     """Per-row choice between two sets of weights; `condition` is (batch,) bool."""
-    if not bool(condition.any()):  # nearly every decoding step (no row closes a chunk): on CPU, torch.where
-        return if_false  # costs several elementwise ops on the weights, far more than reading `condition`
+    # Nearly every decoding step no row closes a chunk. On CPU, reading `condition` is free and torch.where costs
+    # several elementwise ops on the weights; on an accelerator the read would stall the host, so it selects.
+    if condition.device.type == "cpu" and not bool(condition.any()):
+        return if_false
     mask = condition.view(-1, 1, 1, 1)
     return tuple(torch.where(mask, a, b) for a, b in zip(if_true, if_false))
 
@@ -140,7 +142,6 @@ def chunk_update(
     keys: torch.Tensor,
     values: torch.Tensor,
     coefficients: ChunkCoefficients,
-    tape: dict | None = None,
 ):
     """Writes one chunk of tokens and reads every token's query after its own write.
 
@@ -150,20 +151,27 @@ def chunk_update(
         weights, momentum: M and S before the first token of the chunk (momentum None: eta = 0).
         queries, keys, values: (batch, heads, c, d_head).
         coefficients: the chunk's gate algebra (`chunk_coefficients`).
-        tape: a dict that receives the intermediates of the backward pass in `chunk_scan.py`, or None.
 
     Returns:
         reads (batch, heads, c, d_head) = M_t*(q_t) per token, and M, S after the last token.
     """
-    inputs, errors = network.gradient_factors(grad_point, keys, values, tape)
-    reads = network.chunk_read(weights, momentum, inputs, errors, queries, coefficients, tape)
+    inputs, errors = network.gradient_factors(grad_point, keys, values)
+    reads = network.chunk_read(weights, momentum, inputs, errors, queries, coefficients)
+    return (reads, *chunk_end_state(weights, momentum, inputs, errors, coefficients))
+
+
+def chunk_end_state(weights: Weights, momentum: Weights | None, inputs, errors, coefficients: ChunkCoefficients):
+    """M and S after the chunk's last token, from those before its first and the chunk's gradient factors:
+
+        M_c = beta_c M_0 + A_c S_0 - sum_i C_{c,i} a_i^T g_i,   S_c = E_c S_0 - sum_i theta_i (E_c / E_i) a_i^T g_i
+    """
     beta_end = coefficients.beta[..., -1:, :]
     last_coeff = coefficients.coeff[..., -1, :].unsqueeze(-1)  # C_{c,i}
     if momentum is None:
         new_weights = tuple(
             _subtract_outer_sum(beta_end * w, a, last_coeff * g) for w, a, g in zip(weights, inputs, errors)
         )
-        return reads, new_weights, None
+        return new_weights, None
     carry_end = coefficients.carry[..., -1:, :]
     new_weights = tuple(
         _subtract_outer_sum(beta_end * w + carry_end * s, a, last_coeff * g)
@@ -173,7 +181,7 @@ def chunk_update(
         _subtract_outer_sum(coefficients.eta_total * s, a, coefficients.surprise * g)
         for s, a, g in zip(momentum, inputs, errors)
     )
-    return reads, new_weights, new_momentum
+    return new_weights, new_momentum
 
 
 def mask_gates(log_retain, log_momentum, lr, write_mask):
