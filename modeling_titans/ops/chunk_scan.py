@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .memory_network import MemoryMLP, Weights, _add
+from .memory_network import MemoryMLP, Weights, _add, add_matmul
 from .neural_memory import (
     ChunkCoefficients,
     MemoryState,
@@ -233,15 +233,14 @@ class _CheckpointedScan(torch.autograd.Function):
             for j in reversed(range(len(run.starts))):
                 snapshot, weights, momentum = run.starts[j]
                 d_weights, d_snapshot = _after_chunk_backward(closes[first + j], d_weights, d_snapshot)
+                read_grads = [
+                    None if per_layer is None else [r[:, :, j] for r in per_layer]
+                    for per_layer in (read_weights, read_momentum, read_inputs, read_errors)
+                ]
                 grads = _end_state_backward(
-                    weights, momentum, run.factor_tapes[j], chunk_coefficients[j], d_weights, d_momentum
+                    weights, momentum, run.factor_tapes[j], chunk_coefficients[j], d_weights, d_momentum, read_grads
                 )
                 d_weights, d_momentum, d_inputs, d_errors, end_coefficient_grads = grads
-                d_weights = [_add(d, r[:, :, j]) for d, r in zip(d_weights, read_weights)]
-                if momentum is not None:
-                    d_momentum = [_add(d, r[:, :, j]) for d, r in zip(d_momentum, read_momentum)]
-                d_inputs = [_add(d, r[:, :, j]) for d, r in zip(d_inputs, read_inputs)]
-                d_errors = [_add(d, r[:, :, j]) for d, r in zip(d_errors, read_errors)]
                 d_grad_point, d_k, d_v = network.gradient_factors_backward(
                     snapshot, keys_parts[j], run.factor_tapes[j], d_inputs, d_errors
                 )
@@ -275,46 +274,49 @@ def _segments(coefficients: ChunkCoefficients, segment: int, chunk_size: int):
         yield first, slice(chunks.start * chunk_size, chunks.stop * chunk_size), part
 
 
-def _end_state_backward(weights, momentum, tape, coefficients, d_new_weights, d_new_momentum):
-    """Backward of `chunk_end_state`. With per-(row, head) scalars beta_e = beta_c, A_e = A_c, E = E_c and
+def _end_state_backward(weights, momentum, tape, coefficients, d_new_weights, d_new_momentum, read_grads):
+    """Backward of `chunk_end_state`, added to the chunk's gradients from its reads, `read_grads` = (dW, dS, da, dg)
+    per layer (dS None without momentum). With per-(row, head) scalars beta_e = beta_c, A_e = A_c, E = E_c and
     per-token columns c_e = C_{c,:}, sigma = theta_i E_c / E_i:
         W' = beta_e W + A_e S - a^T (c_e g),   S' = E S - a^T (sigma g)
     so for gradients dW', dS':  dW = beta_e dW',  dS = A_e dW' + E dS',  d beta_e = <W, dW'>,  d A_e = <S, dW'>,
     dE = <S, dS'>,  da = -(c_e g) dW'^T - (sigma g) dS'^T,  dg = -c_e (a dW') - sigma (a dS'),
     d c_e = -rowsum(g (a dW')),  d sigma = -rowsum(g (a dS')).
+    Each weight-sized sum is one fused op (addcmul, a dot product as a matmul): on CPU these passes over the state
+    cost as much as the chunk's matmuls.
 
-    Gradients may be None (zero). Returns (dW, dS, da, dg per layer, (d beta_e, d c_e, d A_e, d sigma, dE)).
+    dW', dS' may be None (zero). Returns (dW, dS, da, dg per layer, (d beta_e, d c_e, d A_e, d sigma, dE)).
     """
     inputs, errors = tape["inputs"], tape["errors"]
-    depth = len(weights)
-    d_weights, d_momentum = [None] * depth, None if momentum is None else [None] * depth
-    d_inputs, d_errors = [None] * depth, [None] * depth
+    d_weights, d_momentum, d_inputs, d_errors = (None if x is None else list(x) for x in read_grads)
     d_beta_end = d_last_coeff = d_carry_end = d_surprise = d_eta_total = 0
     beta_end = coefficients.beta[..., -1:, :]
     last_coeff = coefficients.coeff[..., -1, :].unsqueeze(-1)
     for layer, (a, g) in enumerate(zip(inputs, errors)):
         d_new_w = d_new_weights[layer]
         if d_new_w is not None:
-            d_weights[layer] = beta_end * d_new_w
+            d_weights[layer] = torch.addcmul(d_weights[layer], beta_end, d_new_w)
             d_beta_end = d_beta_end + _inner(weights[layer], d_new_w)
             pulled = a @ d_new_w  # a dW'
-            d_errors[layer] = -last_coeff * pulled
+            d_errors[layer] = torch.addcmul(d_errors[layer], last_coeff, pulled, value=-1)
             d_last_coeff = d_last_coeff - (g * pulled).sum(-1).unsqueeze(-2)
-            d_inputs[layer] = -((last_coeff * g) @ d_new_w.transpose(-1, -2))
+            d_inputs[layer] = add_matmul(d_inputs[layer], last_coeff * g, d_new_w.transpose(-1, -2), alpha=-1)
             if momentum is not None:
-                d_momentum[layer] = coefficients.carry[..., -1:, :] * d_new_w
+                d_momentum[layer] = torch.addcmul(d_momentum[layer], coefficients.carry[..., -1:, :], d_new_w)
                 d_carry_end = d_carry_end + _inner(momentum[layer], d_new_w)
         d_new_s = None if d_new_momentum is None else d_new_momentum[layer]
         if d_new_s is not None:
-            d_momentum[layer] = _add(d_momentum[layer], coefficients.eta_total * d_new_s)
+            d_momentum[layer] = torch.addcmul(d_momentum[layer], coefficients.eta_total, d_new_s)
             d_eta_total = d_eta_total + _inner(momentum[layer], d_new_s)
             pulled = a @ d_new_s  # a dS'
-            d_errors[layer] = _add(d_errors[layer], -coefficients.surprise * pulled)
+            d_errors[layer] = torch.addcmul(d_errors[layer], coefficients.surprise, pulled, value=-1)
             d_surprise = d_surprise - (g * pulled).sum(-1, keepdim=True)
-            d_inputs[layer] = _add(d_inputs[layer], -((coefficients.surprise * g) @ d_new_s.transpose(-1, -2)))
+            d_inputs[layer] = add_matmul(
+                d_inputs[layer], coefficients.surprise * g, d_new_s.transpose(-1, -2), alpha=-1
+            )
     return d_weights, d_momentum, d_inputs, d_errors, (d_beta_end, d_last_coeff, d_carry_end, d_surprise, d_eta_total)
 
 
 def _inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """<a, b> over the last two dims, kept as (..., 1, 1)."""
-    return (a * b).sum((-2, -1), keepdim=True)
+    """<a, b> over the last two dims, kept as (..., 1, 1): a dot product as a matmul (no temporary a * b)."""
+    return a.flatten(-2).unsqueeze(-2) @ b.flatten(-2).unsqueeze(-1)

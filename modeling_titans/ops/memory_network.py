@@ -169,7 +169,7 @@ class MemoryMLP(nn.Module):
         d_pre[-1] = _add(d_pre[-1], d_last)
         for layer in range(depth - 1, -1, -1):
             d_z = d_pre[layer]
-            d_weights[layer] = _add(d_weights[layer], inputs[layer].transpose(-1, -2) @ d_z)
+            d_weights[layer] = add_matmul(d_weights[layer], inputs[layer].transpose(-1, -2), d_z)
             d_x = _add(d_z @ weights[layer].transpose(-1, -2), d_inputs[layer])
             if layer > 0:
                 d_pre[layer - 1] = _add(d_pre[layer - 1], d_x * slopes[layer - 1])
@@ -277,3 +277,12 @@ def _add(a, b):
     if a is None:
         return b
     return a if b is None else a + b
+
+
+def add_matmul(base: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """base + alpha x @ y over (batch, heads, ...) in one baddbmm (no temporary of the product's size); a None
+    base is zero."""
+    if base is None:
+        return x @ y if alpha == 1.0 else alpha * (x @ y)
+    flat = torch.baddbmm(base.flatten(0, -3), x.flatten(0, -3), y.flatten(0, -3), alpha=alpha)
+    return flat.view(base.shape)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .memory_network import MemoryMLP, Weights
+from .memory_network import MemoryMLP, Weights, add_matmul
 
 
 @dataclass
@@ -88,9 +88,8 @@ def _pairwise_decay(log_cumulative: torch.Tensor) -> torch.Tensor:
 
 
 def _subtract_outer_sum(base: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """base - a^T g over (batch, heads, ...) in one baddbmm kernel (no temporary of the weights' size)."""
-    flat = torch.baddbmm(base.flatten(0, 1), a.transpose(-1, -2).flatten(0, 1), g.flatten(0, 1), alpha=-1)
-    return flat.view_as(base)
+    """base - a^T g over (batch, heads, ...) in one baddbmm (no temporary of the weights' size)."""
+    return add_matmul(base, a.transpose(-1, -2), g, alpha=-1)
 
 
 @dataclass
@@ -174,7 +173,7 @@ def chunk_end_state(weights: Weights, momentum: Weights | None, inputs, errors, 
         return new_weights, None
     carry_end = coefficients.carry[..., -1:, :]
     new_weights = tuple(
-        _subtract_outer_sum(beta_end * w + carry_end * s, a, last_coeff * g)
+        _subtract_outer_sum(torch.addcmul(beta_end * w, carry_end, s), a, last_coeff * g)
         for w, s, a, g in zip(weights, momentum, inputs, errors)
     )
     new_momentum = tuple(
