@@ -64,8 +64,9 @@ def checkpointed_memory_scan(
 ):
     """`neural_memory_scan` (same arguments, same results and gradients) with bounded backward memory.
 
-    `segment_chunks` is k, the chunks between two saved states (default ceil(sqrt(chunks))); 1 keeps every
-    chunk boundary's state (no replay in backward, the most memory).
+    `segment_chunks` is k, the chunks between two saved states (default ceil(sqrt(chunks)), which minimises the
+    saved plus replayed states); 1 saves every chunk boundary's state (the most memory; the backward pass still
+    recomputes each chunk's intermediates from it).
     """
     dtype = compute_dtype(queries.dtype)
     queries, keys, values, log_retain, log_momentum, lr = _to_dtype(
