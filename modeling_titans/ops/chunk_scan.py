@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .memory_network import MemoryMLP, Weights, _add, add_matmul
+from .memory_network import MemoryMLP, Weights, add_matmul, add_optional
 from .neural_memory import (
     ChunkCoefficients,
     MemoryState,
@@ -77,7 +77,9 @@ def checkpointed_memory_scan(
     mask = None if write_mask is None else write_mask.to(dtype)
     if pad:  # identity tokens up to a whole chunk: zero inputs, masked out of the closed form
         queries, keys, values = (F.pad(x, (0, 0, 0, pad)) for x in (queries, keys, values))
-        log_retain, log_momentum, lr = (None if x is None else F.pad(x, (0, pad)) for x in (log_retain, log_momentum, lr))
+        log_retain, log_momentum, lr = (
+            None if x is None else F.pad(x, (0, pad)) for x in (log_retain, log_momentum, lr)
+        )
         mask = F.pad(torch.ones_like(queries[:, 0, :length, 0]) if mask is None else mask, (0, pad))
     mask = None if mask is None else mask.unsqueeze(1)  # (batch, 1, T) against the gates' (batch, heads, T)
     log_retain, log_momentum, lr = mask_gates(log_retain, log_momentum, lr, mask)
@@ -96,10 +98,9 @@ def checkpointed_memory_scan(
     segment = segment_chunks or math.ceil(math.sqrt(num_chunks))
     depth = len(state.weights)
     momentum = () if state.momentum is None else state.momentum
-    coefficient_tensors = (coefficients.beta, coefficients.coeff, coefficients.carry, coefficients.surprise, coefficients.eta_total)
     outputs = _CheckpointedScan.apply(
         network, chunk_size, closes, segment, depth,
-        queries, keys, values, *coefficient_tensors, *state.snapshot, *state.weights, *momentum,
+        queries, keys, values, *coefficients.tensors(), *state.snapshot, *state.weights, *momentum,
     )
     reads = outputs[0][..., :length, :]
     weights, snapshot, momentum = outputs[1 : 1 + depth], outputs[1 + depth : 1 + 2 * depth], outputs[1 + 2 * depth :]
@@ -121,11 +122,11 @@ def _after_chunk_backward(closes, d_weights: list, d_snapshot: list):
     if closes is False:
         return d_weights, d_snapshot
     if closes is True:
-        return [_add(w, p) for w, p in zip(d_weights, d_snapshot)], [None] * len(d_snapshot)
+        return [add_optional(w, p) for w, p in zip(d_weights, d_snapshot)], [None] * len(d_snapshot)
     row = closes.view(-1, 1, 1, 1)
     moved = [None if p is None else torch.where(row, p, 0.0) for p in d_snapshot]
     kept = [None if p is None else torch.where(row, 0.0, p) for p in d_snapshot]
-    return [_add(w, m) for w, m in zip(d_weights, moved)], kept
+    return [add_optional(w, m) for w, m in zip(d_weights, moved)], kept
 
 
 class _Segment:
@@ -222,9 +223,8 @@ class _CheckpointedScan(torch.autograd.Function):
                 coefficients, keep_tapes=True,
             )
             # The reads' backward needs no gradient from later chunks: all the segment's chunks at once.
-            read = network.chunk_read_backward(
-                run.weights, run.momentum, run.read_tape, coefficients, d_reads[..., tokens, :].unflatten(-2, (-1, chunk_size))
-            )
+            segment_d_reads = d_reads[..., tokens, :].unflatten(-2, (-1, chunk_size))
+            read = network.chunk_read_backward(run.weights, run.momentum, run.read_tape, coefficients, segment_d_reads)
             read_weights, read_momentum, read_inputs, read_errors, d_queries, d_beta, d_coeff, d_carry = read
             d_surprise = None if coefficients.surprise is None else torch.zeros_like(coefficients.surprise)
             d_eta_total = None if coefficients.eta_total is None else torch.zeros_like(coefficients.eta_total)
@@ -245,7 +245,7 @@ class _CheckpointedScan(torch.autograd.Function):
                 d_grad_point, d_k, d_v = network.gradient_factors_backward(
                     snapshot, keys_parts[j], run.factor_tapes[j], d_inputs, d_errors
                 )
-                d_snapshot = [_add(a, b) for a, b in zip(d_snapshot, d_grad_point)]
+                d_snapshot = [add_optional(a, b) for a, b in zip(d_snapshot, d_grad_point)]
                 d_keys.append(d_k)
                 d_values.append(d_v)
                 d_beta_end, d_last_coeff, d_carry_end, d_surprise_j, d_eta_total_j = end_coefficient_grads
@@ -262,7 +262,8 @@ class _CheckpointedScan(torch.autograd.Function):
             for buffer, grad in zip(coefficient_grads, (d_beta, d_coeff, d_carry, d_surprise, d_eta_total)):
                 if buffer is not None:
                     buffer[:, :, chunks] = grad
-        return (None, None, None, None, None, *sequence_grads, *coefficient_grads, *d_snapshot, *d_weights, *(d_momentum or ()))
+        state_grads = (*d_snapshot, *d_weights, *(d_momentum or ()))
+        return (None, None, None, None, None, *sequence_grads, *coefficient_grads, *state_grads)
 
 
 def _segments(coefficients: ChunkCoefficients, segment: int, chunk_size: int):
@@ -270,8 +271,7 @@ def _segments(coefficients: ChunkCoefficients, segment: int, chunk_size: int):
     num_chunks = coefficients.beta.shape[2]
     for first in range(0, num_chunks, segment):
         chunks = slice(first, min(first + segment, num_chunks))
-        fields = (coefficients.beta, coefficients.coeff, coefficients.carry, coefficients.surprise, coefficients.eta_total)
-        part = ChunkCoefficients(*(None if f is None else f[:, :, chunks] for f in fields))
+        part = ChunkCoefficients(*(None if f is None else f[:, :, chunks] for f in coefficients.tensors()))
         yield first, slice(chunks.start * chunk_size, chunks.stop * chunk_size), part
 
 

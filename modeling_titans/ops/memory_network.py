@@ -135,8 +135,8 @@ class MemoryMLP(nn.Module):
             h = F.gelu(z) if layer < len(weights) - 1 else z
         if tape is not None:
             tape.update(
-                inputs=inputs, errors=errors, read_inputs=layer_inputs, from_weights=from_weights, from_momentum=from_momentum, scores=scores,
-                read_pre_activations=pre_activations,
+                inputs=inputs, errors=errors, read_inputs=layer_inputs, from_weights=from_weights,
+                from_momentum=from_momentum, scores=scores, read_pre_activations=pre_activations,
             )
         return self._output(queries, h)
 
@@ -163,17 +163,17 @@ class MemoryMLP(nn.Module):
                 continue
             d_propagated = d_error * slopes[layer]
             d_pre[layer] = d_error * propagated[layer] * gelu_second_derivative(pre[layer])
-            d_errors[layer + 1] = _add(d_errors[layer + 1], d_propagated @ weights[layer + 1])
+            d_errors[layer + 1] = add_optional(d_errors[layer + 1], d_propagated @ weights[layer + 1])
             d_weights[layer + 1] = d_propagated.transpose(-1, -2) @ errors[layer + 1]
         d_last, d_keys, d_values = self._output_error_backward(tape, d_errors[-1])
-        d_pre[-1] = _add(d_pre[-1], d_last)
+        d_pre[-1] = add_optional(d_pre[-1], d_last)
         for layer in range(depth - 1, -1, -1):
             d_z = d_pre[layer]
             d_weights[layer] = add_matmul(d_weights[layer], inputs[layer].transpose(-1, -2), d_z)
-            d_x = _add(d_z @ weights[layer].transpose(-1, -2), d_inputs[layer])
+            d_x = add_optional(d_z @ weights[layer].transpose(-1, -2), d_inputs[layer])
             if layer > 0:
-                d_pre[layer - 1] = _add(d_pre[layer - 1], d_x * slopes[layer - 1])
-        return d_weights, _add(d_keys, d_x), d_values
+                d_pre[layer - 1] = add_optional(d_pre[layer - 1], d_x * slopes[layer - 1])
+        return d_weights, add_optional(d_keys, d_x), d_values
 
     def chunk_read_backward(self, weights: Weights, momentum: Weights | None, tape: dict, coefficients, d_reads):
         """Gradients of `chunk_read`'s reads w.r.t. its inputs. Per layer, z = beta r - (C * s) g + A m with
@@ -211,9 +211,9 @@ class MemoryMLP(nn.Module):
             if layer > 0:
                 d_z = d_h * gelu_derivative(pre[layer - 1])
         d_queries = d_h if self.depth == 1 else d_h + d_reads
-        return d_weights, d_momentum if carry is not None else None, d_inputs, d_errors, d_queries, d_beta, d_coeff, (
-            d_carry if carry is not None else None
-        )
+        if carry is None:
+            d_momentum = d_carry = None
+        return d_weights, d_momentum, d_inputs, d_errors, d_queries, d_beta, d_coeff, d_carry
 
     def _output(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """The network's output from its last layer's `h`: h itself (depth 1), else the residual x + LN(h)."""
@@ -272,7 +272,7 @@ def _layer_norm_backward(z: torch.Tensor, d_normed: torch.Tensor) -> torch.Tenso
     return _layer_norm_backward_normed((z - mean) * inv_std, inv_std, d_normed)
 
 
-def _add(a, b):
+def add_optional(a, b):
     """a + b where None is zero."""
     if a is None:
         return b

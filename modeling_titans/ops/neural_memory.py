@@ -103,10 +103,13 @@ class ChunkCoefficients:
     surprise: torch.Tensor | None  # (..., c, 1): theta_i E_c / E_i
     eta_total: torch.Tensor | None  # (..., 1, 1): E_c
 
+    def tensors(self) -> tuple:
+        """The five fields in order (None where absent)."""
+        return self.beta, self.coeff, self.carry, self.surprise, self.eta_total
+
     def unbind(self, dim: int) -> list["ChunkCoefficients"]:
         """One `ChunkCoefficients` per index of the chunk dim (unbind's backward is a single stack)."""
-        fields = [self.beta, self.coeff, self.carry, self.surprise, self.eta_total]
-        parts = [None if f is None else f.unbind(dim) for f in fields]
+        parts = [None if f is None else f.unbind(dim) for f in self.tensors()]
         count = len(parts[0])
         return [ChunkCoefficients(*(None if p is None else p[n] for p in parts)) for n in range(count)]
 
