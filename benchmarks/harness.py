@@ -70,9 +70,10 @@ def titans_config(variant: str, smoke: bool, **overrides):
     return TitansConfig(variant=variant, **dict(fields, **overrides))
 
 
-def build_model(name: str, smoke: bool, device: str):
+def build_model(name: str, smoke: bool, device: str, **overrides):
     """`name` is a Titans variant, "llama" (transformers' LlamaForCausalLM, SDPA, same width/depth/vocab) or
-    "titans-pytorch" (that package's MemoryAsContextTransformer at the same sizes; training only)."""
+    "titans-pytorch" (that package's MemoryAsContextTransformer at the same sizes; training only). `overrides`
+    change TitansConfig fields of a Titans variant (e.g. memory_chunk_size)."""
     if name == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -83,7 +84,7 @@ def build_model(name: str, smoke: bool, device: str):
     else:
         from modeling_titans import TitansForCausalLM
 
-        model = TitansForCausalLM(titans_config(name, smoke))
+        model = TitansForCausalLM(titans_config(name, smoke, **overrides))
     return model.to(device)
 
 

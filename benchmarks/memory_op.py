@@ -1,8 +1,11 @@
 """The neural memory alone: chunked forward + backward tokens/s and achieved GFLOP/s against the machine's peak.
 
 Rows:
-- `op`: `neural_memory_scan` on ready-made q, k, v and gates (no projections): the chunked closed form of
-  `modeling_titans/ops/neural_memory.py`.
+- `op, checkpointed`: `checkpointed_memory_scan` (`modeling_titans/ops/chunk_scan.py`, what the layer runs) on
+  ready-made q, k, v and gates (no projections).
+- `op, autograd`: `neural_memory_scan` (`modeling_titans/ops/neural_memory.py`), the same chunked closed form
+  differentiated by plain autograd, which keeps every chunk's state for backward: the op before the checkpointed
+  scan, as the anchor of this table.
 - `module`: our `TitansNeuralMemory` token mixer (projections, convolution, gates, op, output gate).
 - `titans-pytorch` (optional, `pip install titans-pytorch`): its `NeuralMemory` at the same heads, head width,
   memory MLP (depth 2, expansion 4) and chunk size, once with its default `batch_size=None` (every gradient
@@ -10,7 +13,8 @@ Rows:
   (the paper's semantics, which ours follows: gradients at the start of each chunk).
 
 GFLOP/s counts only the matmuls of the op, analytically (`scan_matmul_flops`; backward = 2x forward), so it is
-a lower bound on the work done. The peaks are a large fp32 matmul and a batched matmul of the op's own shapes.
+a lower bound on the work done (the checkpointed scan also replays the forward pass, not counted). The peaks are
+a large fp32 matmul and a batched matmul of the op's own shapes.
 
     python benchmarks/memory_op.py                   # CPU, 1 thread, ~1 minute
 """
@@ -36,6 +40,7 @@ from harness import (
 def add_arguments(parser):
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096])
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per row (the fastest is kept)")
+    parser.add_argument("--chunk-size", type=int, default=None, help="memory chunk (default: the config's, 16)")
 
 
 def scan_matmul_flops(length: int, chunk: int, dims: list[int], heads: int, batch: int = 1) -> int:
@@ -79,9 +84,9 @@ def best_time(run, repeats: int, device: str) -> Stopwatch:
     return min(watches, key=lambda w: w.cpu)
 
 
-def op_runner(config, memory, length, device):
-    """Forward + backward of the bare chunked scan on random, already normalised inputs."""
-    from modeling_titans.ops.neural_memory import initial_state, neural_memory_scan
+def op_runner(config, memory, length, device, scan):
+    """Forward + backward of a bare chunked scan on random, already normalised inputs."""
+    from modeling_titans.ops.neural_memory import initial_state
 
     heads, d = config.memory_num_heads, config.memory_head_dim
     shape = (1, heads, length)
@@ -98,7 +103,7 @@ def op_runner(config, memory, length, device):
     def run():
         memory.zero_grad(set_to_none=True)
         state = initial_state(list(memory.network.initial_weights), 1)
-        reads, _ = neural_memory_scan(memory.network, state, q, k, v, log_retain, log_momentum, lr, config.memory_chunk_size)
+        reads, _ = scan(memory.network, state, q, k, v, log_retain, log_momentum, lr, config.memory_chunk_size)
         (reads * projection).sum().backward()
 
     return run
@@ -141,16 +146,20 @@ def main():
     args = parse_args(__doc__.splitlines()[0], add_arguments)
     if args.smoke:
         args.lengths, args.repeats = [16, 32], 1
-    config = titans_config("lmm", args.smoke)
-    memory = build_model("lmm", args.smoke, args.device).model.layers[0].mixer.memory  # initialised M_0 and gate biases
+    from modeling_titans.ops.chunk_scan import checkpointed_memory_scan
+    from modeling_titans.ops.neural_memory import neural_memory_scan
+
+    overrides = {} if args.chunk_size is None else {"memory_chunk_size": args.chunk_size}
+    config = titans_config("lmm", args.smoke, **overrides)
+    # initialised M_0 and gate biases
+    memory = build_model("lmm", args.smoke, args.device, **overrides).model.layers[0].mixer.memory
     chunk, d = config.memory_chunk_size, config.memory_head_dim
     dims = [d] + [d * config.memory_expansion] * (config.memory_depth - 1) + [d]
     size = 256 if args.smoke else 1024
+    op_shape = f"bmm {config.memory_num_heads}x{chunk}x{d}x{dims[1]} (op shape)"
     peaks = {
         f"matmul {size}^3": peak_gflops(args.device, (1, size, size, size)),
-        f"bmm {config.memory_num_heads}x{chunk}x{d}x{dims[1]} (op shape)": peak_gflops(
-            args.device, (config.memory_num_heads, chunk, d, dims[1])
-        ),
+        op_shape: peak_gflops(args.device, (config.memory_num_heads, chunk, d, dims[1])),
     }
     print_table([{"matmul": k, "GFLOP/s": v} for k, v in peaks.items()], ["matmul", "GFLOP/s"], "fp32 peaks")
 
@@ -166,7 +175,8 @@ def main():
     for length in args.lengths:
         flops = 3 * scan_matmul_flops(length, chunk, dims, config.memory_num_heads)
         runners = {
-            "op (ours)": op_runner(config, memory, length, args.device),
+            "op, autograd (before)": op_runner(config, memory, length, args.device, neural_memory_scan),
+            "op, checkpointed (ours)": op_runner(config, memory, length, args.device, checkpointed_memory_scan),
             "module (ours)": module_runner(memory, length, config.hidden_size, args.device),
         }
         if has_titans_pytorch:
@@ -176,11 +186,13 @@ def main():
             watch = best_time(run, args.repeats, args.device)
             seconds = watch.cpu if args.device == "cpu" else watch.wall
             row = {"impl": name, "tokens": length, "tok/s": length / seconds, "ms": seconds * 1e3}
-            row["op GFLOP/s"] = flops / seconds / 1e9 if name == "op (ours)" else None
+            is_op = name.startswith("op")
+            row["op GFLOP/s"] = flops / seconds / 1e9 if is_op else None
+            row["% of op-shape peak"] = 100 * row["op GFLOP/s"] / peaks[op_shape] if is_op else None
             rows.append(row)
             print_table([row], list(row))
 
-    columns = ["impl", "tokens", "tok/s", "ms", "op GFLOP/s"]
+    columns = ["impl", "tokens", "tok/s", "ms", "op GFLOP/s", "% of op-shape peak"]
     print_table(rows, columns, title="Neural memory forward + backward (batch 1; CPU time on CPU)")
     run_config = {
         "lengths": args.lengths,
@@ -200,8 +212,9 @@ def plot(args, rows, peaks):
     for name in dict.fromkeys(r["impl"] for r in rows):
         mine = [r for r in rows if r["impl"] == name]
         speed_ax.plot([r["tokens"] for r in mine], [r["tok/s"] for r in mine], marker="o", label=name)
-    op = [r for r in rows if r["op GFLOP/s"] is not None]
-    flops_ax.plot([r["tokens"] for r in op], [r["op GFLOP/s"] for r in op], marker="o", label="op (ours), achieved")
+    for name in dict.fromkeys(r["impl"] for r in rows if r["op GFLOP/s"] is not None):
+        op = [r for r in rows if r["impl"] == name]
+        flops_ax.plot([r["tokens"] for r in op], [r["op GFLOP/s"] for r in op], marker="o", label=f"{name}, achieved")
     for (name, value), style in zip(peaks.items(), ("--", ":")):
         flops_ax.axhline(value, linestyle=style, color="gray", label=f"peak: {name}")
     for ax, ylabel in ((speed_ax, "tokens/s (fwd+bwd)"), (flops_ax, "matmul GFLOP/s")):

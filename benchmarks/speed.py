@@ -50,18 +50,23 @@ def add_arguments(parser):
     parser.add_argument("--train-lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--tokens-per-step", type=int, default=4096, help="batch = this // length (at least 1)")
     parser.add_argument(
-        "--decode-contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768, 65536]
+        "--decode-contexts", type=int, nargs="*", default=[1024, 2048, 4096, 8192, 16384, 32768, 65536],
+        help="none: training only",
     )
     parser.add_argument("--decode-steps", type=int, default=16, help="timed decode steps per context length")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument(
+        "--chunk-sizes", type=int, nargs="+", default=None,
+        help="train the Titans variants at each of these memory chunk sizes (default: the config's)",
+    )
 
 
-def train_step(name, length, batch_size, warmup_length, smoke, device, threads, results):
+def train_step(name, length, batch_size, warmup_length, smoke, device, threads, overrides, results):
     """Child process: one warm-up step at `warmup_length`, then one timed forward + backward of `batch_size`
     sequences of `length` tokens; puts tok/s, the step time and the peak memory growth on `results`."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = build_model(name, smoke, device).train()
+    model = build_model(name, smoke, device, **overrides).train()
     vocab = (SMOKE_BACKBONE if smoke else BACKBONE)["vocab_size"]
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -111,13 +116,18 @@ def main():
         args.train_lengths, args.tokens_per_step, args.decode_contexts, args.decode_steps = [32, 64], 64, [16, 48], 3
     models = [name for name in args.models if name != "titans-pytorch" or has_titans_pytorch()]
     train_rows, decode_rows, sizes = [], [], {}
+    default_chunk = titans_config("mag", args.smoke).memory_chunk_size
     for name in models:
         sizes[name] = count_parameters(build_model(name, args.smoke, "cpu"))  # "meta" would untie embeddings
-        for length in args.train_lengths:
+        chunks = args.chunk_sizes if name in VARIANTS and args.chunk_sizes else [default_chunk]
+        for chunk, length in ((chunk, length) for chunk in chunks for length in args.train_lengths):
             batch_size = max(1, args.tokens_per_step // length)
             row = {"model": name, "params_M": sizes[name] / 1e6, "tokens": length, "batch": batch_size}
+            if name in VARIANTS:
+                row["chunk"] = chunk
+            overrides = {"memory_chunk_size": chunk} if name in VARIANTS else {}
             step = (name, length, batch_size, min(args.train_lengths), args.smoke, args.device, args.threads)
-            row.update(run_in_child(train_step, *step))
+            row.update(run_in_child(train_step, *step, overrides))
             train_rows.append(row)
             print_table([row], list(row), title=f"train {name} {length}")
     for name in (name for name in models if name in DECODING_MODELS):
@@ -133,7 +143,7 @@ def main():
             print_table([row], list(row), title=f"decode {name} {context}")
         del model
 
-    train_columns = ["model", "params_M", "tokens", "batch", "tok/s", "tok/s (cpu time)", "step_s", "peak_MiB", "error"]
+    train_columns = ["model", "chunk", "params_M", "tokens", "batch", "tok/s", "tok/s (cpu time)", "step_s", "peak_MiB", "error"]
     print_table(train_rows, train_columns, title="Training (forward + backward)")
     if decode_rows:
         print_table(decode_rows, list(decode_rows[0]), title="Decoding (one token after `context` tokens)")
@@ -162,14 +172,16 @@ def has_titans_pytorch() -> bool:
 def plot(args, models, train_rows, decode_rows):
     fig, (train_ax, peak_ax, decode_ax, cache_ax) = new_figure(ncols=4, width=4.4)
     for name in models:
-        train = [r for r in train_rows if r["model"] == name and "error" not in r]
         decode = [r for r in decode_rows if r["model"] == name]
-        style = dict(marker="o", linestyle="-" if name in VARIANTS else "--", label=name)
-        train_ax.plot([r["tokens"] for r in train], [r["tok/s (cpu time)"] for r in train], **style)
-        peak_ax.plot([r["tokens"] for r in train], [r["peak_MiB"] for r in train], **style)
+        style = dict(marker="o", linestyle="-" if name in VARIANTS else "--")
+        for chunk in dict.fromkeys(r.get("chunk") for r in train_rows if r["model"] == name):
+            train = [r for r in train_rows if r["model"] == name and r.get("chunk") == chunk and "error" not in r]
+            label = name if args.chunk_sizes is None or chunk is None else f"{name}, chunk {chunk}"
+            train_ax.plot([r["tokens"] for r in train], [r["tok/s (cpu time)"] for r in train], label=label, **style)
+            peak_ax.plot([r["tokens"] for r in train], [r["peak_MiB"] for r in train], label=label, **style)
         if decode:
-            decode_ax.plot([r["context"] for r in decode], [r["ms/token (cpu time)"] for r in decode], **style)
-            cache_ax.plot([r["context"] for r in decode], [r["cache_MiB"] for r in decode], **style)
+            decode_ax.plot([r["context"] for r in decode], [r["ms/token (cpu time)"] for r in decode], label=name, **style)
+            cache_ax.plot([r["context"] for r in decode], [r["cache_MiB"] for r in decode], label=name, **style)
     for ax, title, ylabel in (
         (train_ax, f"training, ~{args.tokens_per_step} tokens/step", "tokens/s (fwd+bwd, CPU time)"),
         (peak_ax, "training peak memory", "MiB (activations + gradients)"),

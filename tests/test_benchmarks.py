@@ -42,9 +42,10 @@ def test_profile_step_smoke(tmp_path):
 
 def test_memory_op_smoke(tmp_path):
     results = run_smoke("memory_op", [], tmp_path)
-    op_rows = [r for r in results["rows"] if r["impl"] == "op (ours)"]
-    assert [r["tokens"] for r in op_rows] == results["config"]["lengths"]
-    assert all(r["op GFLOP/s"] > 0 for r in op_rows)
+    for impl in ("op, checkpointed (ours)", "op, autograd (before)"):
+        op_rows = [r for r in results["rows"] if r["impl"] == impl]
+        assert [r["tokens"] for r in op_rows] == results["config"]["lengths"]
+        assert all(r["op GFLOP/s"] > 0 and r["% of op-shape peak"] > 0 for r in op_rows)
     assert all(value > 0 for value in results["peaks_gflops"].values())
 
 
@@ -82,6 +83,13 @@ def test_speed_rows_cover_models_and_lengths(tmp_path):
     assert llama[-1][1] > llama[0][1]
     titans = {r["cache_MiB"] for r in results["decode"] if r["model"] == "lmm"}
     assert len(titans) == 1
+
+
+def test_speed_trains_each_chunk_size(tmp_path):
+    results = run_smoke("speed", ["--models", "lmm", "llama", "--chunk-sizes", "2", "8"], tmp_path)
+    lengths = results["config"]["train_lengths"]
+    train = {(r["model"], r.get("chunk"), r["tokens"]) for r in results["rows"]}
+    assert train == {("lmm", c, n) for c in (2, 8) for n in lengths} | {("llama", None, n) for n in lengths}
 
 
 def test_stability_reports_finite_bounded_state(tmp_path):

@@ -210,7 +210,7 @@ def test_exported_folder_holds_a_complete_repository(hub_root):
     files = set(os.listdir(folder))
     code = {"configuration_titans.py", "modeling_titans.py", "cache_titans.py", "tokenization_titans.py"}
     code |= {"token_mixers.py", "attention.py", "memory_layer.py", "basics.py", "tokens.py"}  # layers/
-    code |= {"memory_network.py", "neural_memory.py"}  # ops/
+    code |= {"memory_network.py", "neural_memory.py", "chunk_scan.py"}  # ops/
     data = {"README.md", "config.json", "generation_config.json", "model.safetensors", "tokenizer_config.json"}
     data.add("training_summary.json")
     assert files == code | data
@@ -246,6 +246,7 @@ def test_remote_code_is_the_package_source_with_flat_imports(hub_root):
     import modeling_titans.layers.token_mixers
     import modeling_titans.layers.tokens
     import modeling_titans.modeling
+    import modeling_titans.ops.chunk_scan
     import modeling_titans.ops.memory_network
     import modeling_titans.ops.neural_memory
     import modeling_titans.tokenization.tokenization_titans
@@ -260,6 +261,7 @@ def test_remote_code_is_the_package_source_with_flat_imports(hub_root):
         "tokens.py": modeling_titans.layers.tokens,
         "memory_network.py": modeling_titans.ops.memory_network,
         "neural_memory.py": modeling_titans.ops.neural_memory,
+        "chunk_scan.py": modeling_titans.ops.chunk_scan,
         "cache_titans.py": modeling_titans.cache_titans,
         "tokenization_titans.py": modeling_titans.tokenization.tokenization_titans,
     }

@@ -2,7 +2,7 @@
 
     q, k, v = SiLU(causal depthwise conv(Linear(x))), q and k l2-normalised per head
     alpha_t, eta_t, theta_t: per-token, per-head gates from x (forget, momentum, inner learning rate)
-    y_t = M_t*(q_t) after writing (k_t, v_t)                        (`ops.neural_memory`)
+    y_t = M_t*(q_t) after writing (k_t, v_t)                        (`ops.chunk_scan`, `ops.neural_memory`)
     o = W_O(RMSNorm(y) * SiLU(W_G x))
 
 The projections are named `mem_*` so that PEFT can target them apart from attention's `q_proj` etc.
@@ -17,14 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.chunk_scan import checkpointed_memory_scan
 from ..ops.memory_network import MemoryMLP
-from ..ops.neural_memory import (
-    MemoryState,
-    compute_dtype,
-    initial_state,
-    neural_memory_scan,
-    neural_memory_step,
-)
+from ..ops.neural_memory import MemoryState, compute_dtype, initial_state, neural_memory_step
 from .basics import TitansRMSNorm
 from .tokens import TokenInfo
 
@@ -162,7 +157,7 @@ class TitansNeuralMemory(nn.Module):
             closes_chunk = (tokens.seen + 1) % self.chunk_size == 0
             row_mask = None if write_mask is None else write_mask[:, 0]
             return neural_memory_step(self.network, state, q, k, v, *gates, closes_chunk, row_mask)
-        return neural_memory_scan(self.network, state, q, k, v, *gates, self.chunk_size, write_mask)
+        return checkpointed_memory_scan(self.network, state, q, k, v, *gates, self.chunk_size, write_mask)
 
     def project(self, x: torch.Tensor, tokens: TokenInfo, state: NeuralMemoryState):
         """q, k, v (batch, heads, T, head_dim) of the tokens, q and k l2-normalised, and the new convolution tail.

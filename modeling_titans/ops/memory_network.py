@@ -81,12 +81,12 @@ class MemoryMLP(nn.Module):
         """l(M; k, v) = 1/2 ||M(k) - v||^2 per token (Eq. 12); `gradient_factors` is its gradient in closed form."""
         return 0.5 * (self.read(weights, keys) - values).pow(2).sum(-1)
 
-    def gradient_factors(self, weights: Weights, keys: torch.Tensor, values: torch.Tensor):
+    def gradient_factors(self, weights: Weights, keys: torch.Tensor, values: torch.Tensor, tape: dict | None = None):
         """Per-token gradients of `inner_loss` with respect to every weight matrix, as outer products.
 
         Returns (inputs, errors): for layer l, the gradient of token i is inputs[l][..., i, :]^T errors[l][..., i, :].
         Written with ordinary differentiable ops, so the outer loss back-propagates through the inner gradient
-        (second-order terms included).
+        (second-order terms included); `tape` (a dict) receives what `gradient_factors_backward` needs.
         """
         inputs, pre_activations = [], []
         h = keys
@@ -95,14 +95,21 @@ class MemoryMLP(nn.Module):
             z = h @ w
             pre_activations.append(z)
             h = F.gelu(z) if layer < len(weights) - 1 else z
-        error = self._output_error(keys, h, values)
-        errors = [error]
+        error = self._output_error(keys, h, values, tape)
+        errors, propagated, slopes = [error], [], []
         for layer in range(len(weights) - 1, 0, -1):
-            error = (error @ weights[layer].transpose(-1, -2)) * gelu_derivative(pre_activations[layer - 1])
+            propagated.append(error @ weights[layer].transpose(-1, -2))
+            slopes.append(gelu_derivative(pre_activations[layer - 1]))
+            error = propagated[-1] * slopes[-1]
             errors.append(error)
+        if tape is not None:
+            tape.update(
+                inputs=inputs, errors=errors[::-1], pre_activations=pre_activations, propagated=propagated[::-1],
+                slopes=slopes[::-1],
+            )
         return inputs, errors[::-1]
 
-    def chunk_read(self, weights: Weights, momentum: Weights | None, inputs, errors, queries, coefficients):
+    def chunk_read(self, weights: Weights, momentum: Weights | None, inputs, errors, queries, coefficients, tape=None):
         """Every token's read M_t*(q_t) inside a chunk, each after its own write, with matmuls only (the "dual
         form" of TTT): layer by layer, the token's weights are
 
@@ -110,28 +117,172 @@ class MemoryMLP(nn.Module):
 
         applied to the read path's activation h_t, so h_t W_t needs h_t W_0, h_t S_0 and the scores h_t a_i^T
         against the chunk's gradient factors (a, g) from `gradient_factors` at the chunk start.
-        `coefficients` (a `ChunkCoefficients`) holds beta, A and C.
+        `coefficients` (a `ChunkCoefficients`) holds beta, A and C; `tape` (a dict) receives what
+        `chunk_read_backward` needs.
         """
         beta, coeff, carry = coefficients.beta, coefficients.coeff, coefficients.carry
         h = queries
+        layer_inputs, from_weights, from_momentum, scores, pre_activations = [], [], [], [], []
         for layer, (w, a, g) in enumerate(zip(weights, inputs, errors)):
-            z = beta * (h @ w) - (coeff * (h @ a.transpose(-1, -2))) @ g
+            layer_inputs.append(h)
+            from_weights.append(h @ w)
+            scores.append(h @ a.transpose(-1, -2))
+            z = beta * from_weights[-1] - (coeff * scores[-1]) @ g
             if carry is not None:
-                z = z + carry * (h @ momentum[layer])
+                from_momentum.append(h @ momentum[layer])
+                z = z + carry * from_momentum[-1]
+            pre_activations.append(z)
             h = F.gelu(z) if layer < len(weights) - 1 else z
+        if tape is not None:
+            tape.update(
+                inputs=inputs, errors=errors, read_inputs=layer_inputs, from_weights=from_weights,
+                from_momentum=from_momentum, scores=scores, read_pre_activations=pre_activations,
+            )
         return self._output(queries, h)
+
+    def gradient_factors_backward(self, weights: Weights, keys, tape: dict, d_inputs, d_errors):
+        """Gradients of `gradient_factors`' outputs w.r.t. its inputs: the weights (the gradient point, whose
+        second-order terms these are), the keys and the values. `d_inputs` and `d_errors` are per layer, None for
+        zero. Returns (d_weights, d_keys, d_values).
+
+        With z_l = x_{l-1} W_l, x_l = gelu(z_l) (x_0 = k), the errors run backwards as
+            g_L = dl/dz_L,   g_l = t_l * gelu'(z_l)  with t_l = g_{l+1} W_{l+1}^T,
+        so a gradient G_l of g_l gives  dt_l = G_l * gelu'(z_l),  dz_l += G_l * t_l * gelu''(z_l),
+        G_{l+1} += dt_l W_{l+1},  dW_{l+1} += dt_l^T g_{l+1}  (l = 1 .. L-1, in this order: g_l needs g_{l+1}).
+        Then g_L's gradient goes through the output error (`_output_error_backward`) to z_L, k and v, and the
+        z_l's gradients back through the forward pass: dW_l += x_{l-1}^T dz_l, dx_{l-1} = dz_l W_l^T + d a_l.
+        """
+        depth = len(weights)
+        inputs, pre, propagated, slopes = tape["inputs"], tape["pre_activations"], tape["propagated"], tape["slopes"]
+        errors = tape["errors"]
+        d_errors, d_weights = list(d_errors), [None] * depth
+        d_pre = [None] * depth
+        for layer in range(depth - 1):
+            d_error = d_errors[layer]
+            if d_error is None:
+                continue
+            d_propagated = d_error * slopes[layer]
+            d_pre[layer] = d_error * propagated[layer] * gelu_second_derivative(pre[layer])
+            d_errors[layer + 1] = add_optional(d_errors[layer + 1], d_propagated @ weights[layer + 1])
+            d_weights[layer + 1] = d_propagated.transpose(-1, -2) @ errors[layer + 1]
+        d_last, d_keys, d_values = self._output_error_backward(tape, d_errors[-1])
+        d_pre[-1] = add_optional(d_pre[-1], d_last)
+        for layer in range(depth - 1, -1, -1):
+            d_z = d_pre[layer]
+            d_weights[layer] = add_matmul(d_weights[layer], inputs[layer].transpose(-1, -2), d_z)
+            d_x = add_optional(d_z @ weights[layer].transpose(-1, -2), d_inputs[layer])
+            if layer > 0:
+                d_pre[layer - 1] = add_optional(d_pre[layer - 1], d_x * slopes[layer - 1])
+        return d_weights, add_optional(d_keys, d_x), d_values
+
+    def chunk_read_backward(self, weights: Weights, momentum: Weights | None, tape: dict, coefficients, d_reads):
+        """Gradients of `chunk_read`'s reads w.r.t. its inputs. Per layer, z = beta r - (C * s) g + A m with
+        r = h W, m = h S, s = h a^T, so for a gradient dz:
+            d beta += rowsum(dz * r),  d A += rowsum(dz * m),  dW = h^T (beta dz),  dS = h^T (A dz),
+            d(C * s) = -dz g^T:  dC += d(C * s) * s,  ds = d(C * s) * C,  dg = -(C * s)^T dz,
+            dh = (beta dz) W^T + (A dz) S^T + ds a,  da = ds^T h,
+        and dz of the layer below is dh * gelu'(z). Returns (d_weights, d_momentum, d_inputs, d_errors,
+        d_queries, d_beta, d_coeff, d_carry); d_momentum and d_carry are None without momentum.
+        """
+        beta, coeff, carry = coefficients.beta, coefficients.coeff, coefficients.carry
+        pre = tape["read_pre_activations"]
+        d_z = d_reads if self.depth == 1 else _layer_norm_backward(pre[-1], d_reads)
+        depth = len(weights)
+        d_weights, d_momentum, d_inputs, d_errors = [None] * depth, [None] * depth, [None] * depth, [None] * depth
+        d_beta = d_coeff = d_carry = 0
+        for layer in range(depth - 1, -1, -1):
+            h, a, g = tape["read_inputs"][layer], tape["inputs"][layer], tape["errors"][layer]
+            scores = tape["scores"][layer]
+            d_beta = d_beta + (d_z * tape["from_weights"][layer]).sum(-1, keepdim=True)
+            d_from_weights = beta * d_z
+            d_weights[layer] = h.transpose(-1, -2) @ d_from_weights
+            d_h = d_from_weights @ weights[layer].transpose(-1, -2)
+            if carry is not None:
+                d_carry = d_carry + (d_z * tape["from_momentum"][layer]).sum(-1, keepdim=True)
+                d_from_momentum = carry * d_z
+                d_momentum[layer] = h.transpose(-1, -2) @ d_from_momentum
+                d_h = d_h + d_from_momentum @ momentum[layer].transpose(-1, -2)
+            d_weighted = -(d_z @ g.transpose(-1, -2))
+            d_coeff = d_coeff + d_weighted * scores
+            d_scores = d_weighted * coeff
+            d_errors[layer] = -((coeff * scores).transpose(-1, -2) @ d_z)
+            d_h = d_h + d_scores @ a
+            d_inputs[layer] = d_scores.transpose(-1, -2) @ h
+            if layer > 0:
+                d_z = d_h * gelu_derivative(pre[layer - 1])
+        d_queries = d_h if self.depth == 1 else d_h + d_reads
+        if carry is None:
+            d_momentum = d_carry = None
+        return d_weights, d_momentum, d_inputs, d_errors, d_queries, d_beta, d_coeff, d_carry
 
     def _output(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """The network's output from its last layer's `h`: h itself (depth 1), else the residual x + LN(h)."""
         return h if self.depth == 1 else x + layer_norm(h)
 
-    def _output_error(self, keys: torch.Tensor, h: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    def _output_error(self, keys: torch.Tensor, h: torch.Tensor, values: torch.Tensor, tape: dict | None = None):
         """d l / d h for the last layer's output h: the loss error M(k) - v, back through `_output`."""
         if self.depth == 1:
             return h - values
-        normed = layer_norm(h)
+        mean = h.mean(-1, keepdim=True)
+        inv_std = torch.rsqrt((h - mean).pow(2).mean(-1, keepdim=True) + LAYER_NORM_EPS)
+        normed = (h - mean) * inv_std
         out_error = keys + normed - values
-        inv_std = torch.rsqrt(h.var(-1, unbiased=False, keepdim=True) + LAYER_NORM_EPS)
-        return inv_std * (
-            out_error - out_error.mean(-1, keepdim=True) - normed * (out_error * normed).mean(-1, keepdim=True)
-        )
+        mixed = (out_error * normed).mean(-1, keepdim=True)
+        if tape is not None:
+            tape.update(normed=normed, inv_std=inv_std, out_error=out_error, mixed=mixed)
+        return inv_std * (out_error - out_error.mean(-1, keepdim=True) - normed * mixed)
+
+    def _output_error_backward(self, tape: dict, d_error: torch.Tensor):
+        """Gradients of `_output_error` w.r.t. h, the keys and the values (the LayerNorm's second derivative).
+
+        With n = LN(h) = (h - mean) / s, e = k + n - v, m = mean(e n) and g = (e - mean(e) - n m) / s, a
+        gradient G of g gives (the map e -> g is symmetric)
+            de = (G - mean(G) - n mean(G n)) / s,   dn = de - (m G + mean(G n) e) / s,   ds = -sum(G g) / s,
+        and dh = (dn - mean(dn) - n mean(dn n)) / s + ds n / D (LayerNorm's backward, plus ds/dh = n / D).
+        """
+        if self.depth == 1:
+            return d_error, None, -d_error
+        normed, inv_std, out_error, mixed = tape["normed"], tape["inv_std"], tape["out_error"], tape["mixed"]
+        d_error_normed = (d_error * normed).mean(-1, keepdim=True)
+        d_out_error = inv_std * (d_error - d_error.mean(-1, keepdim=True) - normed * d_error_normed)
+        d_normed = d_out_error - inv_std * (mixed * d_error + d_error_normed * out_error)
+        error = tape["errors"][-1]
+        d_std_term = -(d_error * error).mean(-1, keepdim=True) * inv_std  # ds / D
+        d_h = _layer_norm_backward_normed(normed, inv_std, d_normed) + d_std_term * normed
+        return d_h, d_out_error, -d_out_error
+
+
+def gelu_second_derivative(z: torch.Tensor) -> torch.Tensor:
+    """d/dz of `gelu_derivative`: 2 pdf(z) - z^2 pdf(z)."""
+    pdf = torch.exp(-0.5 * z * z) * (1.0 / math.sqrt(2.0 * math.pi))
+    return pdf * (2.0 - z * z)
+
+
+def _layer_norm_backward_normed(normed: torch.Tensor, inv_std: torch.Tensor, d_normed: torch.Tensor) -> torch.Tensor:
+    """Backward of `layer_norm` given its output `normed` and 1/std: (dn - mean(dn) - n mean(dn n)) / s."""
+    return inv_std * (
+        d_normed - d_normed.mean(-1, keepdim=True) - normed * (d_normed * normed).mean(-1, keepdim=True)
+    )
+
+
+def _layer_norm_backward(z: torch.Tensor, d_normed: torch.Tensor) -> torch.Tensor:
+    """Backward of `layer_norm` at its input z."""
+    mean = z.mean(-1, keepdim=True)
+    inv_std = torch.rsqrt((z - mean).pow(2).mean(-1, keepdim=True) + LAYER_NORM_EPS)
+    return _layer_norm_backward_normed((z - mean) * inv_std, inv_std, d_normed)
+
+
+def add_optional(a, b):
+    """a + b where None is zero."""
+    if a is None:
+        return b
+    return a if b is None else a + b
+
+
+def add_matmul(base: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """base + alpha x @ y over (batch, heads, ...) in one baddbmm (no temporary of the product's size); a None
+    base is zero."""
+    if base is None:
+        return x @ y if alpha == 1.0 else alpha * (x @ y)
+    flat = torch.baddbmm(base.flatten(0, -3), x.flatten(0, -3), y.flatten(0, -3), alpha=alpha)
+    return flat.view(base.shape)

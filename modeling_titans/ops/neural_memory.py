@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .memory_network import MemoryMLP, Weights
+from .memory_network import MemoryMLP, Weights, add_matmul
 
 
 @dataclass
@@ -71,8 +71,10 @@ def initial_state(initial_weights, batch_size: int, use_momentum: bool = True) -
 
 def select_rows(condition: torch.Tensor, if_true: Weights, if_false: Weights) -> Weights:
     """Per-row choice between two sets of weights; `condition` is (batch,) bool."""
-    if not bool(condition.any()):  # nearly every decoding step (no row closes a chunk): on CPU, torch.where
-        return if_false  # costs several elementwise ops on the weights, far more than reading `condition`
+    # Nearly every decoding step no row closes a chunk. On CPU, reading `condition` is free and torch.where costs
+    # several elementwise ops on the weights; on an accelerator the read would stall the host, so it selects.
+    if condition.device.type == "cpu" and not bool(condition.any()):
+        return if_false
     mask = condition.view(-1, 1, 1, 1)
     return tuple(torch.where(mask, a, b) for a, b in zip(if_true, if_false))
 
@@ -86,9 +88,8 @@ def _pairwise_decay(log_cumulative: torch.Tensor) -> torch.Tensor:
 
 
 def _subtract_outer_sum(base: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """base - a^T g over (batch, heads, ...) in one baddbmm kernel (no temporary of the weights' size)."""
-    flat = torch.baddbmm(base.flatten(0, 1), a.transpose(-1, -2).flatten(0, 1), g.flatten(0, 1), alpha=-1)
-    return flat.view_as(base)
+    """base - a^T g over (batch, heads, ...) in one baddbmm (no temporary of the weights' size)."""
+    return add_matmul(base, a.transpose(-1, -2), g, alpha=-1)
 
 
 @dataclass
@@ -102,10 +103,13 @@ class ChunkCoefficients:
     surprise: torch.Tensor | None  # (..., c, 1): theta_i E_c / E_i
     eta_total: torch.Tensor | None  # (..., 1, 1): E_c
 
+    def tensors(self) -> tuple:
+        """The five fields in order (None where absent)."""
+        return self.beta, self.coeff, self.carry, self.surprise, self.eta_total
+
     def unbind(self, dim: int) -> list["ChunkCoefficients"]:
         """One `ChunkCoefficients` per index of the chunk dim (unbind's backward is a single stack)."""
-        fields = [self.beta, self.coeff, self.carry, self.surprise, self.eta_total]
-        parts = [None if f is None else f.unbind(dim) for f in fields]
+        parts = [None if f is None else f.unbind(dim) for f in self.tensors()]
         count = len(parts[0])
         return [ChunkCoefficients(*(None if p is None else p[n] for p in parts)) for n in range(count)]
 
@@ -155,23 +159,31 @@ def chunk_update(
     """
     inputs, errors = network.gradient_factors(grad_point, keys, values)
     reads = network.chunk_read(weights, momentum, inputs, errors, queries, coefficients)
+    return (reads, *chunk_end_state(weights, momentum, inputs, errors, coefficients))
+
+
+def chunk_end_state(weights: Weights, momentum: Weights | None, inputs, errors, coefficients: ChunkCoefficients):
+    """M and S after the chunk's last token, from those before its first and the chunk's gradient factors:
+
+        M_c = beta_c M_0 + A_c S_0 - sum_i C_{c,i} a_i^T g_i,   S_c = E_c S_0 - sum_i theta_i (E_c / E_i) a_i^T g_i
+    """
     beta_end = coefficients.beta[..., -1:, :]
     last_coeff = coefficients.coeff[..., -1, :].unsqueeze(-1)  # C_{c,i}
     if momentum is None:
         new_weights = tuple(
             _subtract_outer_sum(beta_end * w, a, last_coeff * g) for w, a, g in zip(weights, inputs, errors)
         )
-        return reads, new_weights, None
+        return new_weights, None
     carry_end = coefficients.carry[..., -1:, :]
     new_weights = tuple(
-        _subtract_outer_sum(beta_end * w + carry_end * s, a, last_coeff * g)
+        _subtract_outer_sum(torch.addcmul(beta_end * w, carry_end, s), a, last_coeff * g)
         for w, s, a, g in zip(weights, momentum, inputs, errors)
     )
     new_momentum = tuple(
         _subtract_outer_sum(coefficients.eta_total * s, a, coefficients.surprise * g)
         for s, a, g in zip(momentum, inputs, errors)
     )
-    return reads, new_weights, new_momentum
+    return new_weights, new_momentum
 
 
 def mask_gates(log_retain, log_momentum, lr, write_mask):

@@ -1,0 +1,323 @@
+"""The chunked scan of `neural_memory.py` for training and prefill, with the memory of its backward pass bounded:
+one `torch.autograd.Function` that keeps the fast-weight state only at every k-th chunk boundary and recomputes
+the rest in its backward pass.
+
+Paper: Behrouz, Zhong, Mirrokni, "Titans: Learning to Memorize at Test Time", arXiv 2501.00663 (v1 equation
+numbers); the math of a chunk (Eqs. 12-18 with momentum, Sec. 3.2) is `chunk_update` in `neural_memory.py`.
+
+Why: differentiated by plain autograd, `neural_memory_scan` keeps every chunk's state (M, S: per head a copy of
+the memory network's weights) and intermediates until backward. Per token that is the state size over the chunk
+size, ~64 KiB per layer for the benchmark's memory at chunk 16, several times what the rest of a layer keeps.
+
+How (the checkpointing of linear-attention / test-time-training kernels): the sequence's N chunks are cut into
+segments of k chunks (k ~ sqrt(N)). The forward pass runs without autograd and keeps the carried state
+(M_{t'}, M, S) at the start of every segment. The backward pass takes the segments in reverse: it replays one
+segment's forward from its saved state, keeping each chunk's starting state and intermediates (the "tape"), then
+applies hand-derived gradient formulas (`MemoryMLP.chunk_read_backward`, `MemoryMLP.gradient_factors_backward`,
+`_end_state_backward`, each deriving its formulas) chunk by chunk in reverse, carrying the gradients of the
+state from chunk to chunk. Memory: N / k saved states plus one segment's states and tapes; time: one more forward
+pass of the op, and a backward pass without autograd's graph. The gradients are those of `neural_memory_scan`,
+second-order terms of the inner gradient included (`tests/test_chunk_scan.py`: float64, 1e-10, and gradcheck).
+
+Fewer, larger kernels: within a segment only the writes are sequential (a chunk's gradients are taken at the
+weights its predecessor wrote); given every chunk's starting state, the dual-form reads of all the segment's
+chunks, and their backward, are independent, so each runs as one batched call over (batch, heads, chunks).
+
+The sequence is padded to whole chunks with identity tokens (alpha = 0, eta = 1, theta = 0, masked out of the
+closed form by `chunk_coefficients`), so every chunk has one shape and the gate algebra of all chunks is one
+batched pass. The padded tail changes nothing before it (the closed form is causal) and, being the identity, it
+leaves the end state at the state after the last real token.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from .memory_network import MemoryMLP, Weights, add_matmul, add_optional
+from .neural_memory import (
+    ChunkCoefficients,
+    MemoryState,
+    _to_dtype,
+    chunk_coefficients,
+    chunk_end_state,
+    compute_dtype,
+    mask_gates,
+)
+
+
+def checkpointed_memory_scan(
+    network: MemoryMLP,
+    state: MemoryState,
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    log_retain: torch.Tensor,
+    log_momentum: torch.Tensor | None,
+    lr: torch.Tensor,
+    chunk_size: int,
+    write_mask: torch.Tensor | None = None,
+    segment_chunks: int | None = None,
+):
+    """`neural_memory_scan` (same arguments, same results and gradients) with bounded backward memory.
+
+    `segment_chunks` is k, the chunks between two saved states (default ceil(sqrt(chunks)), which minimises the
+    saved plus replayed states); 1 saves every chunk boundary's state (the most memory; the backward pass still
+    recomputes each chunk's intermediates from it).
+    """
+    dtype = compute_dtype(queries.dtype)
+    queries, keys, values, log_retain, log_momentum, lr = _to_dtype(
+        dtype, queries, keys, values, log_retain, log_momentum, lr
+    )
+    length = queries.shape[-2]
+    pad = -length % chunk_size
+    mask = None if write_mask is None else write_mask.to(dtype)
+    if pad:  # identity tokens up to a whole chunk: zero inputs, masked out of the closed form
+        queries, keys, values = (F.pad(x, (0, 0, 0, pad)) for x in (queries, keys, values))
+        log_retain, log_momentum, lr = (
+            None if x is None else F.pad(x, (0, pad)) for x in (log_retain, log_momentum, lr)
+        )
+        mask = F.pad(torch.ones_like(queries[:, 0, :length, 0]) if mask is None else mask, (0, pad))
+    mask = None if mask is None else mask.unsqueeze(1)  # (batch, 1, T) against the gates' (batch, heads, T)
+    log_retain, log_momentum, lr = mask_gates(log_retain, log_momentum, lr, mask)
+
+    def as_chunks(x):  # (batch, heads, T) -> (batch, heads, chunks, c)
+        return None if x is None else x.unflatten(-1, (-1, chunk_size))
+
+    coefficients = chunk_coefficients(*(as_chunks(x) for x in (log_retain, log_momentum, lr, mask)))
+    num_chunks = queries.shape[-2] // chunk_size
+    # Which chunks end on a real token and so close (their end weights become the next gradient point M_{t'}):
+    # without padding every one, with padding per row (a (batch,) bool tensor, read by torch.where: no host sync).
+    if write_mask is None:
+        closes = [True] * (num_chunks - 1) + [pad == 0]
+    else:
+        closes = list(mask[:, 0, chunk_size - 1 :: chunk_size].bool().unbind(-1))
+    segment = segment_chunks or math.ceil(math.sqrt(num_chunks))
+    depth = len(state.weights)
+    momentum = () if state.momentum is None else state.momentum
+    outputs = _CheckpointedScan.apply(
+        network, chunk_size, closes, segment, depth,
+        queries, keys, values, *coefficients.tensors(), *state.snapshot, *state.weights, *momentum,
+    )
+    reads = outputs[0][..., :length, :]
+    weights, snapshot, momentum = outputs[1 : 1 + depth], outputs[1 + depth : 1 + 2 * depth], outputs[1 + 2 * depth :]
+    return reads, MemoryState(weights=weights, snapshot=snapshot, momentum=momentum or None)
+
+
+def _after_chunk(closes: bool | torch.Tensor, weights: Weights, snapshot: Weights) -> Weights:
+    """M_{t'} after a chunk: its end weights where it closes (per row for a tensor), else unchanged."""
+    if closes is True:
+        return weights
+    if closes is False:
+        return snapshot
+    row = closes.view(-1, 1, 1, 1)
+    return tuple(torch.where(row, w, p) for w, p in zip(weights, snapshot))
+
+
+def _after_chunk_backward(closes, d_weights: list, d_snapshot: list):
+    """Backward of `_after_chunk`: the snapshot's gradient moves to the end weights where the chunk closes."""
+    if closes is False:
+        return d_weights, d_snapshot
+    if closes is True:
+        return [add_optional(w, p) for w, p in zip(d_weights, d_snapshot)], [None] * len(d_snapshot)
+    row = closes.view(-1, 1, 1, 1)
+    moved = [None if p is None else torch.where(row, p, 0.0) for p in d_snapshot]
+    kept = [None if p is None else torch.where(row, 0.0, p) for p in d_snapshot]
+    return [add_optional(w, m) for w, m in zip(d_weights, moved)], kept
+
+
+class _Segment:
+    """The forward pass over one segment of consecutive chunks, in two steps: the writes, chunk after chunk (each
+    chunk's gradient factors need the weights its predecessor wrote), then the reads of all its chunks at once
+    (given every chunk's starting state, the dual-form reads of different chunks are independent), batched over
+    a chunk dim placed after (batch, heads).
+
+    With `keep_tapes`, it keeps what the backward pass needs: every chunk's starting state and
+    `gradient_factors` tape, and the tape of the batched read."""
+
+    def __init__(self, network, chunk_size, closes, first, state, queries, keys, values, coefficients, keep_tapes):
+        snapshot, weights, momentum = state
+        chunk_coefficients = coefficients.unbind(2)
+        self.starts, self.factor_tapes = [], []
+        inputs, errors = [], []
+        parts = zip(keys.split(chunk_size, dim=-2), values.split(chunk_size, dim=-2), chunk_coefficients)
+        for n, (k, v, chunk_coeffs) in enumerate(parts, start=first):
+            self.starts.append((snapshot, weights, momentum))
+            tape = {} if keep_tapes else None
+            chunk_inputs, chunk_errors = network.gradient_factors(snapshot, k, v, tape)
+            weights, momentum = chunk_end_state(weights, momentum, chunk_inputs, chunk_errors, chunk_coeffs)
+            snapshot = _after_chunk(closes[n], weights, snapshot)
+            inputs.append(chunk_inputs)
+            errors.append(chunk_errors)
+            self.factor_tapes.append(tape)
+        self.end = (snapshot, weights, momentum)
+
+        def stacked(per_chunk):  # one tensor per memory layer, chunks on dim 2
+            return [torch.stack(layer, dim=2) for layer in zip(*per_chunk)]
+
+        self.weights = stacked([s[1] for s in self.starts])
+        self.momentum = None if momentum is None else stacked([s[2] for s in self.starts])
+        self.read_tape = {} if keep_tapes else None
+        self.reads = network.chunk_read(
+            self.weights, self.momentum, stacked(inputs), stacked(errors),
+            queries.unflatten(-2, (-1, chunk_size)), coefficients, self.read_tape,
+        ).flatten(2, 3)
+
+
+class _CheckpointedScan(torch.autograd.Function):
+    """Inputs: q, k, v (batch, heads, N c, d) of whole chunks, the five `ChunkCoefficients` fields batched over
+    chunks (dim 2; carry, surprise and eta_total None without momentum), then the incoming state's snapshot,
+    weights and momentum (one tensor per memory layer; no momentum tensors without momentum).
+    Outputs: reads (batch, heads, N c, d), then the end state's weights, snapshot and momentum."""
+
+    @staticmethod
+    def forward(ctx, network, chunk_size, closes, segment, depth, queries, keys, values, *tensors):
+        coefficient_tensors, states = tensors[:5], tensors[5:]
+        coefficients = ChunkCoefficients(*coefficient_tensors)
+        state = (states[:depth], states[depth : 2 * depth], states[2 * depth :] or None)
+        reads, saved = [], []
+        for first, tokens, segment_coefficients in _segments(coefficients, segment, chunk_size):
+            saved.append(state)
+            run = _Segment(
+                network, chunk_size, closes, first, state, *(x[..., tokens, :] for x in (queries, keys, values)),
+                segment_coefficients, keep_tapes=False,
+            )
+            reads.append(run.reads)
+            state = run.end
+        snapshot, weights, momentum = state
+        # The snapshot may be the end weights or an input (when no chunk closes); an output of its own must be
+        # a tensor of its own.
+        snapshot = tuple(p.clone() for p in snapshot)
+        ctx.layout = (network, chunk_size, closes, segment, depth, momentum is not None)
+        flat_saved = [t for s in saved for part in s if part is not None for t in part]
+        ctx.save_for_backward(queries, keys, values, *(t for t in coefficient_tensors if t is not None), *flat_saved)
+        ctx.has_coefficient = [t is not None for t in coefficient_tensors]
+        ctx.set_materialize_grads(False)  # outputs nobody uses (often the end state) get no backward work
+        return (torch.cat(reads, dim=-2), *weights, *snapshot, *(momentum or ()))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_reads, *d_state):
+        network, chunk_size, closes, segment, depth, has_momentum = ctx.layout
+        saved = list(ctx.saved_tensors)
+        queries, keys, values = saved[:3]
+        coefficient_tensors = [saved.pop(3) if present else None for present in ctx.has_coefficient]
+        per_state = depth * (3 if has_momentum else 2)
+        flat = saved[3:]
+        checkpoints = [flat[i : i + per_state] for i in range(0, len(flat), per_state)]
+        if d_reads is None:
+            d_reads = torch.zeros_like(queries)
+        # gradient of the state after the current chunk: snapshot, weights, momentum (per layer, None for zero)
+        d_weights, d_snapshot = list(d_state[:depth]), list(d_state[depth : 2 * depth])
+        d_momentum = list(d_state[2 * depth :]) or None
+        sequence_grads = [torch.empty_like(x) for x in (queries, keys, values)]
+        coefficient_grads = [None if t is None else torch.empty_like(t) for t in coefficient_tensors]
+        segments = list(_segments(ChunkCoefficients(*coefficient_tensors), segment, chunk_size))
+        for (first, tokens, coefficients), saved_state in reversed(list(zip(segments, checkpoints))):
+            state = (saved_state[:depth], saved_state[depth : 2 * depth], saved_state[2 * depth :] or None)
+            run = _Segment(
+                network, chunk_size, closes, first, state, *(x[..., tokens, :] for x in (queries, keys, values)),
+                coefficients, keep_tapes=True,
+            )
+            # The reads' backward needs no gradient from later chunks: all the segment's chunks at once.
+            segment_d_reads = d_reads[..., tokens, :].unflatten(-2, (-1, chunk_size))
+            read = network.chunk_read_backward(run.weights, run.momentum, run.read_tape, coefficients, segment_d_reads)
+            read_weights, read_momentum, read_inputs, read_errors, d_queries, d_beta, d_coeff, d_carry = read
+            d_surprise = None if coefficients.surprise is None else torch.zeros_like(coefficients.surprise)
+            d_eta_total = None if coefficients.eta_total is None else torch.zeros_like(coefficients.eta_total)
+            d_keys, d_values = [], []
+            keys_parts = keys[..., tokens, :].split(chunk_size, dim=-2)
+            chunk_coefficients = coefficients.unbind(2)
+            for j in reversed(range(len(run.starts))):
+                snapshot, weights, momentum = run.starts[j]
+                d_weights, d_snapshot = _after_chunk_backward(closes[first + j], d_weights, d_snapshot)
+                read_grads = [
+                    None if per_layer is None else [r[:, :, j] for r in per_layer]
+                    for per_layer in (read_weights, read_momentum, read_inputs, read_errors)
+                ]
+                grads = _end_state_backward(
+                    weights, momentum, run.factor_tapes[j], chunk_coefficients[j], d_weights, d_momentum, read_grads
+                )
+                d_weights, d_momentum, d_inputs, d_errors, end_coefficient_grads = grads
+                d_grad_point, d_k, d_v = network.gradient_factors_backward(
+                    snapshot, keys_parts[j], run.factor_tapes[j], d_inputs, d_errors
+                )
+                d_snapshot = [add_optional(a, b) for a, b in zip(d_snapshot, d_grad_point)]
+                d_keys.append(d_k)
+                d_values.append(d_v)
+                d_beta_end, d_last_coeff, d_carry_end, d_surprise_j, d_eta_total_j = end_coefficient_grads
+                d_beta[:, :, j, -1:] += d_beta_end
+                d_coeff[:, :, j, -1:] += d_last_coeff
+                if momentum is not None:
+                    d_carry[:, :, j, -1:] += d_carry_end
+                    d_surprise[:, :, j] = d_surprise_j
+                    d_eta_total[:, :, j] = d_eta_total_j
+            sequence_grads[0][..., tokens, :] = d_queries.flatten(2, 3)
+            sequence_grads[1][..., tokens, :] = torch.cat(d_keys[::-1], dim=-2)
+            sequence_grads[2][..., tokens, :] = torch.cat(d_values[::-1], dim=-2)
+            chunks = slice(first, first + len(run.starts))
+            for buffer, grad in zip(coefficient_grads, (d_beta, d_coeff, d_carry, d_surprise, d_eta_total)):
+                if buffer is not None:
+                    buffer[:, :, chunks] = grad
+        state_grads = (*d_snapshot, *d_weights, *(d_momentum or ()))
+        return (None, None, None, None, None, *sequence_grads, *coefficient_grads, *state_grads)
+
+
+def _segments(coefficients: ChunkCoefficients, segment: int, chunk_size: int):
+    """(first chunk, token slice, the segment's coefficients) of each segment of `segment` chunks, in order."""
+    num_chunks = coefficients.beta.shape[2]
+    for first in range(0, num_chunks, segment):
+        chunks = slice(first, min(first + segment, num_chunks))
+        part = ChunkCoefficients(*(None if f is None else f[:, :, chunks] for f in coefficients.tensors()))
+        yield first, slice(chunks.start * chunk_size, chunks.stop * chunk_size), part
+
+
+def _end_state_backward(weights, momentum, tape, coefficients, d_new_weights, d_new_momentum, read_grads):
+    """Backward of `chunk_end_state`, added to the chunk's gradients from its reads, `read_grads` = (dW, dS, da, dg)
+    per layer (dS None without momentum). With per-(row, head) scalars beta_e = beta_c, A_e = A_c, E = E_c and
+    per-token columns c_e = C_{c,:}, sigma = theta_i E_c / E_i:
+        W' = beta_e W + A_e S - a^T (c_e g),   S' = E S - a^T (sigma g)
+    so for gradients dW', dS':  dW = beta_e dW',  dS = A_e dW' + E dS',  d beta_e = <W, dW'>,  d A_e = <S, dW'>,
+    dE = <S, dS'>,  da = -(c_e g) dW'^T - (sigma g) dS'^T,  dg = -c_e (a dW') - sigma (a dS'),
+    d c_e = -rowsum(g (a dW')),  d sigma = -rowsum(g (a dS')).
+    Each weight-sized sum is one fused op (addcmul, a dot product as a matmul): on CPU these passes over the state
+    cost as much as the chunk's matmuls.
+
+    dW', dS' may be None (zero). Returns (dW, dS, da, dg per layer, (d beta_e, d c_e, d A_e, d sigma, dE)).
+    """
+    inputs, errors = tape["inputs"], tape["errors"]
+    d_weights, d_momentum, d_inputs, d_errors = (None if x is None else list(x) for x in read_grads)
+    d_beta_end = d_last_coeff = d_carry_end = d_surprise = d_eta_total = 0
+    beta_end = coefficients.beta[..., -1:, :]
+    last_coeff = coefficients.coeff[..., -1, :].unsqueeze(-1)
+    for layer, (a, g) in enumerate(zip(inputs, errors)):
+        d_new_w = d_new_weights[layer]
+        if d_new_w is not None:
+            d_weights[layer] = torch.addcmul(d_weights[layer], beta_end, d_new_w)
+            d_beta_end = d_beta_end + _inner(weights[layer], d_new_w)
+            pulled = a @ d_new_w  # a dW'
+            d_errors[layer] = torch.addcmul(d_errors[layer], last_coeff, pulled, value=-1)
+            d_last_coeff = d_last_coeff - (g * pulled).sum(-1).unsqueeze(-2)
+            d_inputs[layer] = add_matmul(d_inputs[layer], last_coeff * g, d_new_w.transpose(-1, -2), alpha=-1)
+            if momentum is not None:
+                d_momentum[layer] = torch.addcmul(d_momentum[layer], coefficients.carry[..., -1:, :], d_new_w)
+                d_carry_end = d_carry_end + _inner(momentum[layer], d_new_w)
+        d_new_s = None if d_new_momentum is None else d_new_momentum[layer]
+        if d_new_s is not None:
+            d_momentum[layer] = torch.addcmul(d_momentum[layer], coefficients.eta_total, d_new_s)
+            d_eta_total = d_eta_total + _inner(momentum[layer], d_new_s)
+            pulled = a @ d_new_s  # a dS'
+            d_errors[layer] = torch.addcmul(d_errors[layer], coefficients.surprise, pulled, value=-1)
+            d_surprise = d_surprise - (g * pulled).sum(-1, keepdim=True)
+            d_inputs[layer] = add_matmul(
+                d_inputs[layer], coefficients.surprise * g, d_new_s.transpose(-1, -2), alpha=-1
+            )
+    return d_weights, d_momentum, d_inputs, d_errors, (d_beta_end, d_last_coeff, d_carry_end, d_surprise, d_eta_total)
+
+
+def _inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """<a, b> over the last two dims, kept as (..., 1, 1): a dot product as a matmul (no temporary a * b)."""
+    return a.flatten(-2).unsqueeze(-2) @ b.flatten(-2).unsqueeze(-1)

@@ -1,0 +1,140 @@
+"""The checkpointed scan (`ops/chunk_scan.py`) against the plain-autograd scan (`ops/neural_memory.py`), which
+`tests/test_neural_memory.py` holds to the paper's per-token reference.
+
+Exact in float64 (1e-10 relative): reads, the end state (M, M_{t'}, S) and every gradient: q, k, v, the three
+gate inputs, M_0 and an incoming state (weights, snapshot, momentum), for depth 1-3, momentum on/off, forgetting
+on/off, partial last chunks, trailing padding and any spacing of the saved states; plus gradcheck on small shapes.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from modeling_titans.ops.chunk_scan import checkpointed_memory_scan
+from modeling_titans.ops.neural_memory import MemoryState, initial_state, neural_memory_scan
+
+from test_neural_memory import assert_close, make_problem, network_for
+
+NAMES = ["q", "k", "v", "alpha_logit", "eta_logit", "theta_logit"]
+
+
+def scan_outputs(scan, m0, inputs, chunk_size, use_momentum=True, forgetting=True, write_mask=None, state=None, **kw):
+    """Reads and end state of `scan` as one flat list; gates from raw logits (as the layer builds them)."""
+    q, k, v, alpha_logit, eta_logit, theta_logit = inputs
+    if state is None:
+        state = initial_state(m0, q.shape[0], use_momentum=use_momentum)
+    log_retain = F.logsigmoid(-alpha_logit) if forgetting else torch.zeros_like(alpha_logit)
+    log_momentum = F.logsigmoid(eta_logit) if use_momentum else None
+    reads, out = scan(
+        network_for(m0), state, q, k, v, log_retain, log_momentum, torch.sigmoid(theta_logit), chunk_size,
+        write_mask, **kw,
+    )
+    return [reads, *out.weights, *out.snapshot, *(out.momentum or ())]
+
+
+def compare(m0, p, chunk_size, tol=1e-10, incoming_state=False, **options):
+    """Both scans on the same leaves: outputs, then the gradients of a random projection of all of them."""
+    leaves = [p[n].clone().requires_grad_() for n in NAMES] + [w.clone().requires_grad_() for w in m0]
+    inputs, weights = leaves[:6], leaves[6:]
+    extra = []
+    state = None
+    if incoming_state:  # a state mid-sequence: weights, snapshot and momentum of their own, each a leaf
+        g = torch.Generator().manual_seed(5)
+        batch = p["q"].shape[0]
+        extra = [
+            (w.unsqueeze(0) + 0.1 * torch.randn(batch, *w.shape, generator=g, dtype=w.dtype)).requires_grad_()
+            for w in m0 for _ in range(3)
+        ]
+        momentum = tuple(extra[2::3]) if options.get("use_momentum", True) else None
+        state = MemoryState(weights=tuple(extra[0::3]), snapshot=tuple(extra[1::3]), momentum=momentum)
+        weights = []
+    results = []
+    for scan, kw in ((neural_memory_scan, {}), (checkpointed_memory_scan, options.pop("scan_kw", {}))):
+        outputs = scan_outputs(scan, weights or m0, inputs, chunk_size, state=state, **options, **kw)
+        g = torch.Generator().manual_seed(1)
+        loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in outputs)
+        used = leaves + [x for x in extra if x.requires_grad]
+        grads = torch.autograd.grad(loss, used, allow_unused=True)
+        results.append((outputs, grads))
+    (ref_out, ref_grads), (out, grads) = results
+    assert len(out) == len(ref_out)
+    for a, e in zip(out, ref_out):
+        assert_close(a, e, tol)
+    for a, e in zip(grads, ref_grads):
+        assert (a is None) == (e is None)
+        if a is not None:
+            assert_close(a, e, tol)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize("use_momentum", [True, False])
+@pytest.mark.parametrize("chunk_size, length", [(4, 16), (4, 13), (16, 37), (1, 7), (8, 5)])
+def test_equals_autograd_scan(depth, use_momentum, chunk_size, length):
+    """Whole chunks, a partial last chunk, chunk 1, and fewer tokens than a chunk (no chunk closes)."""
+    m0, p = make_problem(depth, length, seed=depth * 10 + length)
+    compare(m0, p, chunk_size, use_momentum=use_momentum)
+
+
+@pytest.mark.parametrize("segment_chunks", [1, 2, 3, 100])
+def test_any_spacing_of_saved_states(segment_chunks):
+    """k = 1 (every boundary saved, no replay), segments that do not divide the chunks, one segment for all."""
+    m0, p = make_problem(2, 29, seed=3)
+    compare(m0, p, 4, scan_kw={"segment_chunks": segment_chunks})
+
+
+@pytest.mark.parametrize("use_momentum", [True, False])
+def test_no_forgetting(use_momentum):
+    m0, p = make_problem(2, 14, seed=4)
+    compare(m0, p, 4, use_momentum=use_momentum, forgetting=False)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("use_momentum", [True, False])
+@pytest.mark.parametrize("chunk_size", [1, 4])
+def test_trailing_padding(depth, use_momentum, chunk_size):
+    """Rows ending mid-chunk, on a boundary, before a whole padded chunk, and a row with no real token."""
+    lengths, total = [13, 6, 8, 0], 13
+    m0, p = make_problem(depth, total, seed=6, batch=len(lengths))
+    write_mask = torch.arange(total) < torch.tensor(lengths)[:, None]
+    compare(m0, p, chunk_size, use_momentum=use_momentum, write_mask=write_mask, scan_kw={"segment_chunks": 2})
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize("use_momentum", [True, False])
+def test_incoming_state(depth, use_momentum):
+    """A state from an earlier call, its weights, snapshot and momentum all different and all trained."""
+    m0, p = make_problem(depth, 11, seed=7)
+    compare(m0, p, 4, incoming_state=True, use_momentum=use_momentum)
+
+
+def test_low_precision_inputs_run_in_fp32():
+    """bf16 q, k, v and M_0: the state math in fp32, as in `neural_memory_scan`."""
+    m0, p = make_problem(2, 9, seed=8, dtype=torch.float32)
+    low = [p[n].to(torch.bfloat16) for n in ("q", "k", "v")] + [p[n] for n in NAMES[3:]]
+    m0 = [w.to(torch.bfloat16) for w in m0]
+    out = scan_outputs(checkpointed_memory_scan, m0, low, 4)
+    ref = scan_outputs(neural_memory_scan, m0, low, 4)
+    for a, e in zip(out, ref):
+        assert a.dtype == torch.float32
+        assert_close(a, e, 1e-6)
+
+
+@pytest.mark.parametrize("use_momentum", [True, False])
+@pytest.mark.parametrize("depth, chunk_size, padded", [(1, 2, False), (2, 2, False), (2, 2, True), (3, 3, False)])
+def test_gradcheck(depth, chunk_size, padded, use_momentum):
+    """gradcheck (fp64) w.r.t. q, k, v, the gate logits and M_0, through the inner gradient's second-order terms;
+    5 tokens in segments of 2 chunks, the last chunk partial."""
+    batch, heads, d, length = 2, 1, 3, 5
+    write_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]).bool() if padded else None
+    m0, p = make_problem(depth, length, seed=9, batch=batch, heads=heads, d=d)
+    leaves = [p[n].clone().requires_grad_() for n in NAMES] + [w.clone().requires_grad_() for w in m0]
+
+    def fn(*tensors):
+        return tuple(
+            scan_outputs(
+                checkpointed_memory_scan, tensors[6:], tensors[:6], chunk_size, use_momentum=use_momentum,
+                write_mask=write_mask, segment_chunks=2,
+            )
+        )
+
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
