@@ -129,3 +129,60 @@ def test_titans_pytorch_model_has_matching_sizes():
     # At the benchmark size it is within 5% of our MAC's parameter count (same width, depth, memory, segment).
     ours, theirs = (count_parameters(build_model(name, False, "cpu")) for name in ("mac", "titans-pytorch"))
     assert abs(theirs - ours) / ours < 0.05 and BACKBONE["hidden_size"] == 256
+
+
+def write_documents(folder, count=12):
+    """A tiny stand-in for the State of the Union folder: `count` numbered English documents, one per file."""
+    folder.mkdir()
+    for i in range(count):
+        text = f"Address number {i}. The members met, read the report and voted on the roads and the harbours. " * 12
+        (folder / f"{1790 + i}_address.txt").write_text(text)
+    return folder
+
+
+def test_real_text_trains_and_scores_each_model_at_each_length(tmp_path):
+    data = write_documents(tmp_path / "data")
+    models = ["mag", "swa", "llama", "mag:writes=off", "mag:memory_depth=1"]
+    results = run_smoke("real_text", ["--data-dir", str(data), "--models", *models], tmp_path / "out")
+    config = results["config"]
+    assert config["data"].startswith("12 files") and config["held_out_bytes"] > 0
+    assert [row["model"] for row in results["rows"]] == models
+    for row in results["rows"]:
+        assert row["params"] > 0 and "diverged_at" not in row
+        lengths = [row[f"{m}x"] for m in config["eval_multiples"]]
+        evals = [row[f"@{step}"] for step in range(config["eval_every"], config["steps"] + 1, config["eval_every"])]
+        assert all(0 < value < 10 for value in lengths + evals)
+        assert row["1x"] == row[f"@{config['steps']}"]
+        log = results["logs"][row["model"]]
+        assert [entry["step"] for entry in log] == list(range(1, config["steps"] + 1))
+        assert all(entry["grad_norm"]["total"] > 0 for entry in log)
+    # Same seed, same batches: a model with its memory's writes off starts from the same loss as with them on.
+    first = {name: results["logs"][name][0]["bpb"] for name in models}
+    assert abs(first["mag"] - first["mag:writes=off"]) < 0.1
+    assert results["logs"]["mag"][0]["grad_norm"]["M0"] > 0
+
+
+def test_real_text_smoke_runs_without_data_and_runs_combine(tmp_path):
+    missing = str(tmp_path / "no-such-folder")
+    for model in ("lmm", "swa"):
+        results = run_smoke("real_text", ["--data-dir", missing, "--models", model], tmp_path / model)
+        assert results["config"]["data"] == "built-in text (smoke)"
+    paths = [str(tmp_path / model / "real_text.json") for model in ("lmm", "swa")]
+    combined = run_smoke("real_text", ["--combine", *paths], tmp_path / "both")
+    assert [row["model"] for row in combined["rows"]] == ["lmm", "swa"]
+    assert set(combined["logs"]) == {"lmm", "swa"}
+
+
+def test_real_text_held_out_windows_score_the_same_bytes_at_every_length():
+    import torch
+    from real_text import held_out_spans, parse_spec, windows_of
+
+    spans = held_out_spans(torch.arange(1000), count=3, span=64)
+    assert spans.shape == (3, 65)
+    for length in (4, 16, 64):
+        windows = windows_of(spans, length)
+        assert windows.shape == (3 * 64 // length, length + 1)
+        assert torch.equal(windows[:, 1:].reshape(3, 64), spans[:, 1:])  # each scored byte once, in order
+    assert parse_spec("mag:memory_depth=3,memory_lr_max=0.1,writes=off") == (
+        "mag", {"memory_depth": 3, "memory_lr_max": 0.1}, {"writes": "off"}
+    )
