@@ -79,9 +79,10 @@ class _Recorder:
         _, new_state = output
         log_retain, log_momentum, lr = module.gates(x)  # (1, heads, 1) each
         _, k, v, _ = module.project(x, tokens, state)
-        inputs, errors = module.network.gradient_factors(state.snapshot, k.float(), v.float())
+        tape = {}  # the raw gradient, before any normalisation of the inner step (`MemoryMLP.normalize_gradient`)
+        module.network.gradient_factors(state.snapshot, k.float(), v.float(), tape)
         # Each layer's gradient is an outer product a^T g, whose Frobenius norm is |a| |g|.
-        squared = sum((a.norm(dim=-1) * g.norm(dim=-1)).pow(2) for a, g in zip(inputs, errors))
+        squared = sum((a.norm(dim=-1) * g.norm(dim=-1)).pow(2) for a, g in zip(tape["inputs"], tape["raw_errors"]))
         step = {
             "inner_lr": lr[0, :, 0],
             "surprise": squared.sqrt()[0, :, 0],

@@ -24,7 +24,7 @@ from .cache_titans import TitansCache
 from .configuration.configuration_titans import TITANS_FORMAT_VERSION, VARIANTS, TitansConfig
 from .layers.attention import TitansAttention
 from .layers.basics import TitansMLP, TitansRMSNorm, TitansRotaryEmbedding
-from .layers.memory_layer import MEMORY_GATES, CausalDepthwiseConv, MemoryProjection, TitansGate
+from .layers.memory_layer import MEMORY_GATES, CausalDepthwiseConv, ConstantGate, MemoryProjection, TitansGate
 from .layers.token_mixers import TOKEN_MIXERS, block_size
 from .layers.tokens import RowPacking, TokenInfo
 from .ops.memory_network import MemoryInitialWeights
@@ -103,7 +103,7 @@ class TitansPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, TitansGate):
+        if isinstance(module, (TitansGate, ConstantGate)):
             module.bias.fill_(module.bias_init)
         elif isinstance(module, MemoryProjection):
             module.weight.normal_(0.0, module.in_features**-0.5)
@@ -417,7 +417,9 @@ def layer_weight_names(config: TitansConfig) -> set[str]:
     return set(layers.state_dict())
 
 
-# Format 1 kept the token mixer's modules directly in the decoder layer and M_0 in the memory module itself.
+# The renames from each older checkpoint format to the next. Format 1 kept the token mixer's modules directly in
+# the decoder layer and M_0 in the memory module itself; format 2 has today's names (format 3 changed the inner
+# step's config fields only, see `configuration_titans.OLDER_INNER_STEP`).
 LEGACY_WEIGHT_NAMES = {
     1: [
         (
@@ -427,6 +429,7 @@ LEGACY_WEIGHT_NAMES = {
         ),
         (r"(\.memory\.)initial_weights\.", r"\1network.initial_weights."),
     ],
+    2: [],
 }
 
 

@@ -18,15 +18,19 @@ from test_neural_memory import assert_close, make_problem, network_for
 NAMES = ["q", "k", "v", "alpha_logit", "eta_logit", "theta_logit"]
 
 
-def scan_outputs(scan, m0, inputs, chunk_size, use_momentum=True, forgetting=True, write_mask=None, state=None, **kw):
-    """Reads and end state of `scan` as one flat list; gates from raw logits (as the layer builds them)."""
+def scan_outputs(
+    scan, m0, inputs, chunk_size, use_momentum=True, forgetting=True, write_mask=None, state=None, normalize=False, **kw
+):
+    """Reads and end state of `scan` as one flat list; gates from raw logits (as the layer builds them);
+    `normalize`: the memory network normalises every token's inner gradient by its curvature."""
     q, k, v, alpha_logit, eta_logit, theta_logit = inputs
     if state is None:
         state = initial_state(m0, q.shape[0], use_momentum=use_momentum)
     log_retain = F.logsigmoid(-alpha_logit) if forgetting else torch.zeros_like(alpha_logit)
     log_momentum = F.logsigmoid(eta_logit) if use_momentum else None
     reads, out = scan(
-        network_for(m0), state, q, k, v, log_retain, log_momentum, torch.sigmoid(theta_logit), chunk_size,
+        network_for(m0, normalize=normalize), state, q, k, v, log_retain, log_momentum, torch.sigmoid(theta_logit),
+        chunk_size,
         write_mask, **kw,
     )
     return [reads, *out.weights, *out.snapshot, *(out.momentum or ())]
@@ -75,6 +79,25 @@ def test_equals_autograd_scan(depth, use_momentum, chunk_size, length):
     compare(m0, p, chunk_size, use_momentum=use_momentum)
 
 
+@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize("use_momentum", [True, False])
+@pytest.mark.parametrize("chunk_size, length", [(4, 13), (16, 37), (1, 7)])
+def test_normalized_gradient_equals_autograd_scan(depth, use_momentum, chunk_size, length):
+    """The hand-derived backward of the curvature normalisation (`MemoryMLP.normalize_gradient`), incl. its
+    second-order terms, equals autograd through `neural_memory_scan`."""
+    m0, p = make_problem(depth, length, seed=depth * 13 + length)
+    compare(m0, p, chunk_size, use_momentum=use_momentum, normalize=True, scan_kw={"segment_chunks": 2})
+
+
+def test_normalized_gradient_where_only_some_tokens_are_scaled():
+    """Keys of norms 0.5-1.5 give a matrix memory curvatures |k|^2 on both sides of 1: tokens below 1 keep their
+    gradient (and the scale's gradient is zero there), tokens above are scaled."""
+    m0, p = make_problem(1, 21, seed=8)
+    norms = torch.linspace(0.5, 1.5, 21, dtype=torch.float64)
+    p["k"] = p["k"] / p["k"].norm(dim=-1, keepdim=True) * norms[:, None]
+    compare(m0, p, 4, normalize=True, scan_kw={"segment_chunks": 2})
+
+
 @pytest.mark.parametrize("segment_chunks", [1, 2, 3, 100])
 def test_any_spacing_of_saved_states(segment_chunks):
     """k = 1 (every boundary saved, no replay), segments that do not divide the chunks, one segment for all."""
@@ -91,12 +114,16 @@ def test_no_forgetting(use_momentum):
 @pytest.mark.parametrize("depth", [1, 2])
 @pytest.mark.parametrize("use_momentum", [True, False])
 @pytest.mark.parametrize("chunk_size", [1, 4])
-def test_trailing_padding(depth, use_momentum, chunk_size):
+@pytest.mark.parametrize("normalize", [False, True], ids=["plain", "normalized"])
+def test_trailing_padding(depth, use_momentum, chunk_size, normalize):
     """Rows ending mid-chunk, on a boundary, before a whole padded chunk, and a row with no real token."""
     lengths, total = [13, 6, 8, 0], 13
     m0, p = make_problem(depth, total, seed=6, batch=len(lengths))
     write_mask = torch.arange(total) < torch.tensor(lengths)[:, None]
-    compare(m0, p, chunk_size, use_momentum=use_momentum, write_mask=write_mask, scan_kw={"segment_chunks": 2})
+    compare(
+        m0, p, chunk_size, use_momentum=use_momentum, write_mask=write_mask, normalize=normalize,
+        scan_kw={"segment_chunks": 2},
+    )
 
 
 @pytest.mark.parametrize("depth", [1, 2, 3])
@@ -121,7 +148,8 @@ def test_low_precision_inputs_run_in_fp32():
 
 @pytest.mark.parametrize("use_momentum", [True, False])
 @pytest.mark.parametrize("depth, chunk_size, padded", [(1, 2, False), (2, 2, False), (2, 2, True), (3, 3, False)])
-def test_gradcheck(depth, chunk_size, padded, use_momentum):
+@pytest.mark.parametrize("normalize", [False, True], ids=["plain", "normalized"])
+def test_gradcheck(depth, chunk_size, padded, use_momentum, normalize):
     """gradcheck (fp64) w.r.t. q, k, v, the gate logits and M_0, through the inner gradient's second-order terms;
     5 tokens in segments of 2 chunks, the last chunk partial."""
     batch, heads, d, length = 2, 1, 3, 5
@@ -133,7 +161,7 @@ def test_gradcheck(depth, chunk_size, padded, use_momentum):
         return tuple(
             scan_outputs(
                 checkpointed_memory_scan, tensors[6:], tensors[:6], chunk_size, use_momentum=use_momentum,
-                write_mask=write_mask, segment_chunks=2,
+                write_mask=write_mask, segment_chunks=2, normalize=normalize,
             )
         )
 

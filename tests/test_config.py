@@ -131,3 +131,21 @@ def test_rope_theta_and_rope_scaling_are_read_into_rope_parameters(tmp_path):
 def test_activations_come_from_transformers():
     config = TitansConfig.from_preset("tiny", hidden_act="gelu", gate_activation="relu")
     assert (config.hidden_act, config.gate_activation) == ("gelu", "relu")
+
+
+def test_an_older_config_keeps_its_inner_step(tmp_path):
+    """A config saved before titans_format_version 3 has neither `memory_lr_relative` nor `memory_normalize_grad`:
+    it loads with both off (absolute theta, plain inner gradients), the inner step its checkpoint was trained with,
+    while a new config gets the stable defaults; a round trip of the loaded config keeps them off."""
+    assert TitansConfig().memory_lr_relative and TitansConfig().memory_normalize_grad
+    TitansConfig.from_preset("tiny").save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    fields = json.loads(path.read_text())
+    del fields["memory_lr_relative"], fields["memory_normalize_grad"]
+    fields["titans_format_version"] = 2
+    path.write_text(json.dumps(fields))
+    for loaded in (TitansConfig.from_pretrained(tmp_path), AutoConfig.from_pretrained(tmp_path)):
+        assert not loaded.memory_lr_relative and not loaded.memory_normalize_grad
+    loaded.save_pretrained(tmp_path / "again")
+    again = TitansConfig.from_pretrained(tmp_path / "again")
+    assert not again.memory_lr_relative and not again.memory_normalize_grad

@@ -1,6 +1,7 @@
 """`titans inspect`: the recorded gates, surprise and weight norms are the memory's own numbers, and the command
 writes its figure, numbers and page with the needle marked where the needle is."""
 
+import copy
 import json
 
 import pytest
@@ -52,7 +53,9 @@ def test_trace_holds_the_memorys_own_numbers(variant):
     state = memory.initial_state(1)
     _, k, v, _ = memory.project(x, tokens, state)
     snapshot = [w.double() for w in state.snapshot]
-    gradients = naive_token_gradient(memory.network, snapshot, k.double(), v.double())
+    raw_gradient = copy.copy(memory.network)  # the surprise is the gradient before the step's normalisation
+    raw_gradient.normalize_gradient = False
+    gradients = naive_token_gradient(raw_gradient, snapshot, k.double(), v.double())
     expected = torch.stack([g[0].pow(2).sum(dim=(-2, -1)) for g in gradients]).sum(0).sqrt()
     torch.testing.assert_close(trace.layers[0]["surprise"][0].double(), expected, rtol=1e-4, atol=1e-6)
 

@@ -63,6 +63,7 @@ ABLATIONS = [
     {"use_conv": False},
     {"num_persistent_tokens": 0},
     {"memory_depth": 1},
+    {"memory_gates_from_input": False},
 ]
 
 
@@ -74,16 +75,21 @@ ABLATIONS = [
 )
 def test_ablation_switch_builds_a_working_model_that_computes_something_else(variant, ablation):
     default = tiny_model(variant)
-    with torch.no_grad():  # the convolution starts as the identity; give it trained-looking taps
+    with torch.no_grad():  # give the modules that start as (almost) no-ops trained-looking weights
         for layer in default.model.layers:
-            layer.mixer.memory.conv.weight.normal_(0.0, 0.5)
+            memory = layer.mixer.memory
+            memory.conv.weight.normal_(0.0, 0.5)  # starts as the identity
+            memory.forget_gate.bias.fill_(-3.0)  # alpha ~ 0.05, visible within a short input (starts at 0.001)
+            for gate in (memory.forget_gate, memory.momentum_gate, memory.lr_gate):
+                gate.weight.normal_(0.0, 0.3)  # gates that depend on the token
     ablated = tiny_model(variant, **ablation)
     # Same weights wherever the two share a parameter, so any difference comes from the switch itself.
     assert transplant(default, ablated) >= 20
     input_ids = random_ids(2, SEQ_LEN)
     ablated_logits = full_logits(ablated, input_ids)
     assert torch.isfinite(ablated_logits).all()
-    assert (ablated_logits - full_logits(default, input_ids)).abs().max() > 1e-3
+    # fp32 rounding differs by ~1e-7; at initialisation the memory moves slowly (theta ~ 0.002), hence 1e-4.
+    assert (ablated_logits - full_logits(default, input_ids)).abs().max() > 1e-4
     # Training through the ablated model is covered by test_outer_gradients_reach_every_parameter.
 
 
@@ -211,8 +217,9 @@ def test_outer_gradients_reach_every_parameter(variant, ablation):
             assert (parameter.grad != 0).float().mean() > 0.5, f"{name}: most gradient entries are zero"
         names.append(name)
     expected = ["memory.lr_gate.bias", "initial_weights.0"]
-    expected += ["memory.forget_gate.weight"] if model.config.use_forgetting else []
-    expected += ["memory.momentum_gate.weight"] if model.config.use_momentum else []
+    gate_parameter = "weight" if model.config.memory_gates_from_input else "bias"  # a constant gate has no weight
+    expected += [f"memory.forget_gate.{gate_parameter}"] if model.config.use_forgetting else []
+    expected += [f"memory.momentum_gate.{gate_parameter}"] if model.config.use_momentum else []
     if variant != "lmm" and model.config.num_persistent_tokens:
         expected.append("self_attn.persistent_tokens")
     if variant == "mac":
@@ -590,7 +597,8 @@ def test_auto_classes_resolve_titans(tmp_path):
 def test_memory_stays_bounded_at_the_default_gates(memory_depth):
     """A chunk of c tokens moves the weights by about theta * sum_s (1 - eta^s) / (1 - eta) times the gradient
     along the keys' common direction; with the old default cap theta_max = 1 the linear memory of the upper
-    layers blew up to inf within 512 tokens. The default gates must keep every layer's memory bounded."""
+    layers blew up to inf within 512 tokens. The default gates must keep every layer's memory bounded: within twice
+    the norm of M_0."""
     config = TitansConfig(
         variant="mag", vocab_size=4096, hidden_size=256, intermediate_size=256, num_hidden_layers=4,
         num_attention_heads=4, memory_num_heads=4, memory_expansion=2, memory_depth=memory_depth,
@@ -602,7 +610,8 @@ def test_memory_stays_bounded_at_the_default_gates(memory_depth):
     cache = TitansCache(config)
     with torch.no_grad():
         model(input_ids, cache=cache)
-    for layer in cache.layers:
-        for weights in layer.state.memory.weights:
+    for decoder_layer, layer in zip(model.model.layers, cache.layers):
+        initial = decoder_layer.mixer.memory.network.initial_weights
+        for weights, start in zip(layer.state.memory.weights, initial):
             assert torch.isfinite(weights).all()
-            assert weights.norm(dim=(-2, -1)).max() < 50
+            assert weights.norm(dim=(-2, -1)).max() < 2 * start.norm(dim=(-2, -1)).max()

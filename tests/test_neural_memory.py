@@ -40,15 +40,16 @@ def ref_read(weights, x):
     return h if len(weights) == 1 else x + F.layer_norm(h, h.shape[-1:], eps=1e-5)
 
 
-def network_for(weights, expansion=EXPANSION) -> MemoryMLP:
-    """The memory network of the depth and widths of `weights` (per layer (..., heads, d_in, d_out))."""
+def network_for(weights, expansion=EXPANSION, normalize=False) -> MemoryMLP:
+    """The memory network of the depth and widths of `weights` (per layer (..., heads, d_in, d_out)); `normalize`:
+    every token's inner gradient divided by max(1, its curvature)."""
     heads, d = weights[0].shape[-3], weights[0].shape[-2]
-    return MemoryMLP(heads, d, len(weights), expansion)
+    return MemoryMLP(heads, d, len(weights), expansion, normalize_gradient=normalize)
 
 
-def ref_memory(m0, q, k, v, alpha, eta, theta, chunk_size):
+def ref_memory(m0, q, k, v, alpha, eta, theta, chunk_size, normalize=False):
     """The naive per-token recurrence of `ops/naive.py` (reads, M_T, M_{t'}, S_T)."""
-    return naive_neural_memory(network_for(m0), m0, q, k, v, alpha, eta, theta, chunk_size)
+    return naive_neural_memory(network_for(m0, normalize=normalize), m0, q, k, v, alpha, eta, theta, chunk_size)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -97,10 +98,10 @@ def op_gates(alpha, eta, theta):
     return torch.log1p(-alpha), None if eta is None else torch.log(eta), theta
 
 
-def run_scan(m0, p, alpha, eta, theta, chunk_size, write_mask=None):
+def run_scan(m0, p, alpha, eta, theta, chunk_size, write_mask=None, normalize=False):
     state = initial_state(m0, p["q"].shape[0], use_momentum=eta is not None)
     return neural_memory_scan(
-        network_for(m0),
+        network_for(m0, normalize=normalize),
         state,
         p["q"],
         p["k"],
@@ -141,18 +142,18 @@ def assert_differ(a, b, min_diff=1e-3):
     assert (a - b).abs().max().item() > min_diff, "the switch changed nothing"
 
 
-def check_against_reference(m0, p, alpha, eta, theta, chunk_size, dtype):
+def check_against_reference(m0, p, alpha, eta, theta, chunk_size, dtype, normalize=False):
     """The op in `dtype` vs the fp64 reference on the same (dtype-rounded) inputs.
 
     fp64: 1e-10. fp32: 1e-5 relative, widened to 10x the error of the reference itself run in fp32 where the problem
     is worse conditioned than that (the LayerNorm of deep memory scales rounding errors by 1/std of its input)."""
-    reads, state = run_scan(m0, p, alpha, eta, theta, chunk_size)
+    reads, state = run_scan(m0, p, alpha, eta, theta, chunk_size, normalize=normalize)
     eta_ref = torch.zeros_like(alpha) if eta is None else eta
     args = (batched(m0), p["q"], p["k"], p["v"], alpha, eta_ref, theta)
-    ref_reads, ref_w, ref_snap, ref_s = ref_memory(*(to64(x) for x in args), chunk_size)
+    ref_reads, ref_w, ref_snap, ref_s = ref_memory(*(to64(x) for x in args), chunk_size, normalize)
     tol = TOL[dtype]
     if dtype != torch.float64:
-        naive_reads, naive_w, *_ = ref_memory(*args, chunk_size)
+        naive_reads, naive_w, *_ = ref_memory(*args, chunk_size, normalize)
         tol = max(tol, 10 * max(rel_error(a, e) for a, e in zip([naive_reads, *naive_w], [ref_reads, *ref_w])))
     assert reads.dtype == dtype and state.weights[0].dtype == dtype
     assert_close(reads, ref_reads, tol)
@@ -178,6 +179,18 @@ def test_scan_matches_paper_reference(dtype, depth, chunk_size, length):
     form equal the per-token recurrence; chunk_size 1 is the plain per-token recurrence."""
     m0, p = make_problem(depth, length, seed=depth * 100 + chunk_size + length, dtype=dtype)
     check_against_reference(m0, p, *gates(p), chunk_size, dtype)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize("chunk_size, length", [(1, 11), (4, 13), (16, 37)])
+def test_normalized_gradient_matches_paper_reference(depth, chunk_size, length):
+    """With `normalize_gradient`, every token's gradient u (autograd's, in the reference) is divided by
+    max(1, ||u||^2 / ||M(k) - v||^2) before Eqs. 13-14; fp64. The switch changes the result here: the keys have
+    norm 1.5, so even the matrix memory has curvature |k|^2 = 2.25 > 1."""
+    m0, p = make_problem(depth, length, seed=depth * 7 + chunk_size + length)
+    normalized, _ = check_against_reference(m0, p, *gates(p), chunk_size, torch.float64, normalize=True)
+    plain, _ = run_scan(m0, p, *gates(p), chunk_size)
+    assert_differ(normalized, plain)
 
 
 @pytest.mark.parametrize("depth", [1, 2])
@@ -397,7 +410,8 @@ def test_padding_does_not_close_chunk_against_reference():
 
 @pytest.mark.parametrize("use_momentum", [True, False])
 @pytest.mark.parametrize("depth, chunk_size, padded", [(1, 2, False), (2, 3, False), (2, 2, False), (2, 2, True)])
-def test_gradcheck_scan(depth, chunk_size, padded, use_momentum):
+@pytest.mark.parametrize("normalize", [False, True], ids=["plain", "normalized"])
+def test_gradcheck_scan(depth, chunk_size, padded, use_momentum, normalize):
     """gradcheck (fp64) of reads and final state w.r.t. q, k, v, the raw gate logits and M_0 (shared by
     the batch), through second-order terms of the inner gradient; 5 tokens, the last chunk partial; `padded`: the
     second row has 3 real tokens (write_mask)."""
@@ -412,14 +426,16 @@ def test_gradcheck_scan(depth, chunk_size, padded, use_momentum):
         log_retain = F.logsigmoid(-alpha_logit)  # log(1 - sigmoid(alpha_logit))
         log_momentum = F.logsigmoid(eta_logit) if use_momentum else None
         reads, out = neural_memory_scan(
-            network_for(weights), state, q, k, v, log_retain, log_momentum, torch.sigmoid(theta_logit), chunk_size, write_mask
+            network_for(weights, normalize=normalize), state, q, k, v, log_retain, log_momentum,
+            torch.sigmoid(theta_logit), chunk_size, write_mask,
         )
         return (reads, *out.weights, *out.snapshot, *(out.momentum or ()))
 
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-def test_gradcheck_step():
+@pytest.mark.parametrize("normalize", [False, True], ids=["plain", "normalized"])
+def test_gradcheck_step(normalize):
     """gradcheck (fp64) of one decode step from a non-trivial state (momentum and snapshot as inputs)."""
     m0, p = make_problem(2, 1, seed=18, batch=2, heads=1, d=3)
     g = torch.Generator().manual_seed(19)
@@ -432,7 +448,7 @@ def test_gradcheck_step():
         state = MemoryState(weights=w, snapshot=snap, momentum=s)
         gate = (F.logsigmoid(-alpha_logit), F.logsigmoid(eta_logit), torch.sigmoid(theta_logit))
         reads, out = neural_memory_step(
-            network_for(m0), state, q, k, v, *gate, closes_chunk=torch.tensor([True, False])
+            network_for(m0, normalize=normalize), state, q, k, v, *gate, closes_chunk=torch.tensor([True, False])
         )
         return (reads, *out.weights, *out.snapshot, *out.momentum)
 
@@ -453,16 +469,17 @@ def test_memory_read_is_the_paper_network(depth):
     assert_close(network_for(m0).read(weights, p["q"]), ref_read(weights, p["q"]), 1e-12)
 
 
+@pytest.mark.parametrize("normalize", [False, True], ids=["plain", "normalized"])
 @pytest.mark.parametrize("depth", [1, 2, 3])
-def test_gradient_factors_are_per_token_gradients(depth):
+def test_gradient_factors_are_per_token_gradients(depth, normalize):
     """MemoryMLP.gradient_factors: inputs[l][i]^T errors[l][i] is token i's gradient of Eq. 12 (by autograd)
-    w.r.t. layer l."""
+    w.r.t. layer l, divided by max(1, its curvature) when normalised."""
     length = 7
     m0, p = make_problem(depth, length, seed=21)
     g = torch.Generator().manual_seed(21)
     weights = [w.unsqueeze(0) + 0.3 * torch.randn(BATCH, *w.shape, generator=g, dtype=torch.float64) for w in m0]
     keys = torch.randn(BATCH, HEADS, length, D_HEAD, generator=g, dtype=torch.float64)  # not normalised
-    network = network_for(m0)
+    network = network_for(m0, normalize=normalize)
     inputs, errors = network.gradient_factors(weights, keys, p["v"])
     assert len(inputs) == len(errors) == depth
     for t in range(length):

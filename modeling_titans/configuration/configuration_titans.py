@@ -20,7 +20,10 @@ PRESET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")
 # clear message instead of being loaded with fields this code does not know.
 # Format 2 put each block's token mixer under `layers.N.mixer.` and M_0 under `memory.network.`; `from_pretrained`
 # renames the weights of a format-1 checkpoint as it loads.
-TITANS_FORMAT_VERSION = 2
+# Format 3 added `memory_lr_relative` and `memory_normalize_grad` (on by default); a config of an older format has
+# neither and loads with both off, the inner step its checkpoint was trained with (`OLDER_INNER_STEP`).
+TITANS_FORMAT_VERSION = 3
+OLDER_INNER_STEP = {"memory_lr_relative": False, "memory_normalize_grad": False}
 
 
 class TitansConfig(PreTrainedConfig):
@@ -45,11 +48,19 @@ class TitansConfig(PreTrainedConfig):
     - `sliding_window` (MAG, MAL): tokens each query sees, itself included.
     - `num_persistent_tokens`: learned attention prefix of every attention layer (Eq. 19).
     - `conv_kernel_size`: causal depthwise convolution on the memory's q, k, v (Sec. 4.4).
-    - `memory_lr_max`: cap theta_max of the inner learning rate theta_t = theta_max * sigmoid(.). Default
-      0.1: a chunk moves the weights by about theta * sum_s (1 - eta^s) / (1 - eta) times the gradient (~86 theta
-      at chunk 16, eta 0.9), which must stay below ~2 for the inner loop to be stable (README, design notes).
+    - `memory_lr_max`: cap theta_max of the inner learning rate theta_t = theta_max * sigmoid(.).
+    - `memory_lr_relative` (default True): theta_t is divided by the chunk's gain memory_chunk_size / (1 - eta_t),
+      so that theta_max is in units of the chunked inner loop's stability bound (~2) for any momentum and chunk
+      size; the default theta_max = 1.0 is then safely stable. With False, theta_max is absolute: a chunk moves
+      the weights by about theta * chunk / (1 - eta) times a gradient (~86 theta at chunk 16, eta 0.9), so keep
+      theta_max <= ~0.02 there.
+    - `memory_normalize_grad` (default True): every token's inner gradient is divided by max(1, its curvature
+      along itself), a normalised LMS step; without it the deep memory's LayerNorm makes that curvature ~10-100
+      and the outer training diverges (`docs/design.md`, "The inner step").
     - `memory_forget_init`, `memory_momentum_init`, `memory_lr_init`: initial values of alpha, eta and
       theta / theta_max; they set the gate biases.
+    - `memory_gates_from_input` (default True): alpha_t, eta_t and theta_t are computed from each token; False
+      makes each a learned constant per memory head (the data-independent gates of the paper's ablations).
     - Ablations of the paper's Table 5: `use_momentum`, `use_forgetting`, `use_conv`,
       `num_persistent_tokens=0`, `memory_depth=1`.
     - `gate_activation`: the non-linearity of the MAG / MAC output gate (a name in ACT2FN).
@@ -86,10 +97,13 @@ class TitansConfig(PreTrainedConfig):
     sliding_window: int = 2048
     num_persistent_tokens: int = 128
     conv_kernel_size: int = 4
-    memory_lr_max: float = 0.1
-    memory_forget_init: float = 0.01
+    memory_lr_max: float = 1.0
+    memory_forget_init: float = 0.001
     memory_momentum_init: float = 0.9
-    memory_lr_init: float = 0.1
+    memory_lr_init: float = 0.3
+    memory_lr_relative: bool = True
+    memory_normalize_grad: bool = True
+    memory_gates_from_input: bool = True
     use_momentum: bool = True
     use_forgetting: bool = True
     use_conv: bool = True
@@ -97,6 +111,9 @@ class TitansConfig(PreTrainedConfig):
     titans_format_version: int = TITANS_FORMAT_VERSION
 
     def __post_init__(self, **kwargs):
+        if isinstance(self.titans_format_version, int) and self.titans_format_version < 3:
+            for field, value in OLDER_INNER_STEP.items():
+                setattr(self, field, value)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.mixer_types is None:

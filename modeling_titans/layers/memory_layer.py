@@ -2,6 +2,7 @@
 
     q, k, v = SiLU(causal depthwise conv(Linear(x))), q and k l2-normalised per head
     alpha_t, eta_t, theta_t: per-token, per-head gates from x (forget, momentum, inner learning rate)
+    (the inner gradient is normalised by its curvature with `memory_normalize_grad`, `ops.memory_network`)
     y_t = M_t*(q_t) after writing (k_t, v_t)                        (`ops.chunk_scan`, `ops.neural_memory`)
     o = W_O(RMSNorm(y) * SiLU(W_G x))
 
@@ -51,6 +52,20 @@ class TitansGate(nn.Linear):
         return F.linear(x.to(dtype), self.weight.to(dtype), self.bias.to(dtype))
 
 
+class ConstantGate(nn.Module):
+    """A data-independent gate (`memory_gates_from_input=False`, the paper's ablation of input-dependent gates): one
+    learned logit per memory head, the same for every token; `bias_init` is its initial value."""
+
+    def __init__(self, num_heads: int, initial_value: float):
+        super().__init__()
+        self.bias = nn.Parameter(torch.empty(num_heads))
+        self.bias_init = math.log(initial_value / (1 - initial_value))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, T, hidden) -> (batch, T, heads) logits in the memory's compute dtype."""
+        return self.bias.to(compute_dtype(x.dtype)).expand(*x.shape[:-1], -1)
+
+
 class MemoryProjection(nn.Linear):
     """q, k or v projection of the memory, initialised at unit scale per output channel (std 1/sqrt(d_in)): the
     memory's own output x + LN(.) has unit-scale channels, so small values would leave the inner loss dominated
@@ -88,18 +103,23 @@ class TitansNeuralMemory(nn.Module):
         self.mem_k_proj = MemoryProjection(hidden, hidden, bias=False)
         self.mem_v_proj = MemoryProjection(hidden, hidden, bias=False)
         self.conv = CausalDepthwiseConv(3 * hidden, config.conv_kernel_size) if config.use_conv else None
-        self.forget_gate = (
-            TitansGate(hidden, self.num_heads, config.memory_forget_init) if config.use_forgetting else None
-        )  # alpha_t
-        self.momentum_gate = (
-            TitansGate(hidden, self.num_heads, config.memory_momentum_init) if config.use_momentum else None
-        )  # eta_t
-        self.lr_gate = TitansGate(hidden, self.num_heads, config.memory_lr_init)  # theta_t / theta_max
-        self.network = MemoryMLP(self.num_heads, self.head_dim, config.memory_depth, config.memory_expansion)
+        self.forget_gate = self.gate(config.memory_forget_init) if config.use_forgetting else None  # alpha_t
+        self.momentum_gate = self.gate(config.memory_momentum_init) if config.use_momentum else None  # eta_t
+        self.lr_gate = self.gate(config.memory_lr_init)  # theta_t / theta_max
+        self.network = MemoryMLP(
+            self.num_heads, self.head_dim, config.memory_depth, config.memory_expansion,
+            normalize_gradient=config.memory_normalize_grad,
+        )
         self.out_norm = TitansRMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.writes_enabled = True  # False: the memory state stays as it is (an ablation at test time; not saved)
         self.mem_gate_proj = nn.Linear(hidden, hidden, bias=False)
         self.mem_o_proj = nn.Linear(hidden, hidden, bias=False)
+
+    def gate(self, initial_value: float) -> nn.Module:
+        """One of the memory's gates: a logit per head from each token (default) or a constant per head."""
+        if self.config.memory_gates_from_input:
+            return TitansGate(self.config.hidden_size, self.num_heads, initial_value)
+        return ConstantGate(self.num_heads, initial_value)
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, T, hidden) -> (batch, heads, T, head_dim)."""
@@ -131,7 +151,11 @@ class TitansNeuralMemory(nn.Module):
         return out, new_tail
 
     def gates(self, x: torch.Tensor):
-        """log(1 - alpha_t), log(eta_t) (None without momentum) and theta_t, each (batch, heads, T), in fp32."""
+        """log(1 - alpha_t), log(eta_t) (None without momentum) and theta_t, each (batch, heads, T), in fp32.
+
+        theta_t = theta_max sigmoid(.), divided by the chunk's gain chunk_size / (1 - eta_t) when
+        `memory_lr_relative`: theta_max is then in units of the chunked inner loop's stability bound, whatever the
+        momentum and the chunk size (`docs/design.md`, "The inner step")."""
         x = x.to(compute_dtype(x.dtype))  # an adapter on a gate sees the fp32 input too
 
         def logits(gate):  # (batch, heads, T)
@@ -141,6 +165,9 @@ class TitansNeuralMemory(nn.Module):
         log_retain = zeros if self.forget_gate is None else F.logsigmoid(-logits(self.forget_gate))
         log_momentum = None if self.momentum_gate is None else F.logsigmoid(logits(self.momentum_gate))
         lr = self.config.memory_lr_max * torch.sigmoid(logits(self.lr_gate))
+        if self.config.memory_lr_relative:
+            gain = self.chunk_size if log_momentum is None else self.chunk_size / -torch.expm1(log_momentum)
+            lr = lr / gain
         return log_retain, log_momentum, lr
 
     def recall(self, weights, queries: torch.Tensor) -> torch.Tensor:

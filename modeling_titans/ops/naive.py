@@ -13,16 +13,26 @@ from __future__ import annotations
 
 import torch
 
-from .memory_network import MemoryMLP
+from .memory_network import CURVATURE_EPS, MemoryMLP
 
 
 def naive_token_gradient(network: MemoryMLP, weights, key: torch.Tensor, value: torch.Tensor):
     """grad_M l(M; k, v) (Eq. 12) by autograd. Rows, heads and tokens are independent, so the gradient of the
-    loss summed over them is every (row, head)'s own gradient when `key` holds one token."""
+    loss summed over them is every (row, head)'s own gradient when `key` holds one token.
+
+    With `network.normalize_gradient`, the gradient u is divided by max(1, lambda), lambda = ||u||^2 / ||M(k) - v||^2
+    with ||u||^2 summed over the layers' weight matrices: computed here from autograd's gradient, independently of
+    the closed form."""
     with torch.enable_grad():
         point = [w.detach().requires_grad_() for w in weights]
         loss = network.inner_loss(point, key, value).sum()
-        return torch.autograd.grad(loss, point)
+        grads = torch.autograd.grad(loss, point)
+    if not network.normalize_gradient:
+        return grads
+    grad_sq = sum(g.pow(2).sum((-1, -2)) for g in grads)  # (batch, heads)
+    error_sq = (network.read(point, key) - value).pow(2).sum((-1, -2))
+    scale = (grad_sq / (error_sq + CURVATURE_EPS)).clamp(min=1.0).reciprocal()[..., None, None]
+    return tuple(g * scale for g in grads)
 
 
 def naive_neural_memory(network: MemoryMLP, initial_weights, q, k, v, alpha, eta, theta, chunk_size: int):
