@@ -326,23 +326,23 @@ def combine(paths: list[str]) -> tuple[dict, list[dict], dict]:
 
 
 def plot(args, config: dict, rows: list[dict], logs: dict):
-    """Left: training bpb per step (thin) and held-out bpb at 1x (markers); right: held-out bpb by length."""
-    fig, (curve_ax, length_ax) = new_figure(ncols=2, width=6.4, height=4.6)
-    colors = [f"C{i}" for i in range(10)]
+    """Left: training bpb per step (thin) and held-out bpb at 1x (dots); right: held-out bpb by window length."""
+    fig, (curve_ax, length_ax) = new_figure(ncols=2, width=5.6, height=4.6)
+    lowest = 8.0
     for i, row in enumerate(rows):
-        name, color = row["model"], colors[i % len(colors)]
-        label = textwrap.shorten(name, 48, placeholder="...")
-        log = logs[name]
-        curve_ax.plot([e["step"] for e in log], [e["bpb"] for e in log], color=color, alpha=0.45, linewidth=0.8)
-        points = [(int(key[1:]), row[key]) for key in row if key.startswith("@") and row[key] is not None]
+        name, log = row["model"], logs[row["model"]]
+        style = dict(color=f"C{i % 10}", linestyle="-" if i < 10 else "--")
+        label = "\n".join(textwrap.wrap(name.replace(",", ", "), 36))
+        curve_ax.plot([e["step"] for e in log], [e["bpb"] for e in log], alpha=0.4, linewidth=0.8, **style)
+        points = [(int(key[1:]), row[key]) for key in row if key.startswith("@")]
         if points:
-            curve_ax.plot(*zip(*points), color=color, marker="o", linewidth=1.6, label=label)
-        lengths = [(config["seq_len"] * m, row.get(f"{m}x")) for m in config["eval_multiples"]]
-        lengths = [(n, value) for n, value in lengths if value is not None]
+            curve_ax.plot(*zip(*points), marker="o", linewidth=1.6, **style)
+        lengths = [(config["seq_len"] * m, row[f"{m}x"]) for m in config["eval_multiples"] if f"{m}x" in row]
         if lengths:
-            length_ax.plot(*zip(*lengths), color=color, marker="o", label=label)
-    curve_ax.set(xlabel="step", ylabel="bits per byte", ylim=(None, 8.5))
-    curve_ax.set_title("training bpb (thin) and held-out bpb at 1x (dots)", fontsize=10)
+            length_ax.plot(*zip(*lengths), marker="o", label=label, **style)
+        lowest = min([lowest] + [e["bpb"] for e in log if math.isfinite(e["bpb"])])
+    curve_ax.set(xlabel="step", ylabel="bits per byte", ylim=(lowest - 0.05, max(lowest + 0.5, 5.0)))
+    curve_ax.set_title("training bpb (thin), held-out bpb at 1x (dots)", fontsize=10)
     length_ax.set(xlabel="held-out window (bytes)", ylabel="bits per byte")
     length_ax.set_xscale("log", base=2)
     length_ax.set_xticks([config["seq_len"] * m for m in config["eval_multiples"]])
@@ -350,7 +350,7 @@ def plot(args, config: dict, rows: list[dict], logs: dict):
     length_ax.set_title(f"held-out bpb after {config['steps']} steps (trained at {config['seq_len']})", fontsize=10)
     for ax in (curve_ax, length_ax):
         ax.grid(alpha=0.3)
-    curve_ax.legend(fontsize=7)
+    length_ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     save_figure(fig, args, "real_text.png")
 
 
