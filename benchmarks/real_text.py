@@ -311,6 +311,17 @@ def markdown_table(rows: list[dict], names: list[str]) -> str:
     return "\n".join(lines)
 
 
+def rounded(value):
+    """`value` (nested dicts and lists) with every float to 5 significant digits: a smaller JSON."""
+    if isinstance(value, float):
+        return float(f"{value:.5g}")
+    if isinstance(value, dict):
+        return {key: rounded(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [rounded(item) for item in value]
+    return value
+
+
 def combine(paths: list[str]) -> tuple[dict, list[dict], dict]:
     """The config, rows and logs of earlier runs' JSON files, which must share their config."""
     config, rows, logs = None, [], {}
@@ -326,14 +337,17 @@ def combine(paths: list[str]) -> tuple[dict, list[dict], dict]:
 
 
 def plot(args, config: dict, rows: list[dict], logs: dict):
-    """Left: training bpb per step (thin) and held-out bpb at 1x (dots); right: held-out bpb by window length."""
+    """Left: training bpb (mean of the last 5 steps, thin) and held-out bpb at 1x (dots); right: held-out bpb by
+    window length."""
     fig, (curve_ax, length_ax) = new_figure(ncols=2, width=5.6, height=4.6)
     lowest = 8.0
     for i, row in enumerate(rows):
         name, log = row["model"], logs[row["model"]]
         style = dict(color=f"C{i % 10}", linestyle="-" if i < 10 else "--")
         label = "\n".join(textwrap.wrap(name.replace(",", ", "), 36))
-        curve_ax.plot([e["step"] for e in log], [e["bpb"] for e in log], alpha=0.4, linewidth=0.8, **style)
+        recent = [[e["bpb"] for e in log[max(0, j - 4) : j + 1]] for j in range(len(log))]
+        smoothed = [sum(values) / len(values) for values in recent]
+        curve_ax.plot([e["step"] for e in log], smoothed, alpha=0.5, linewidth=0.8, **style)
         points = [(int(key[1:]), row[key]) for key in row if key.startswith("@")]
         if points:
             curve_ax.plot(*zip(*points), marker="o", linewidth=1.6, **style)
@@ -342,7 +356,7 @@ def plot(args, config: dict, rows: list[dict], logs: dict):
             length_ax.plot(*zip(*lengths), marker="o", label=label, **style)
         lowest = min([lowest] + [e["bpb"] for e in log if math.isfinite(e["bpb"])])
     curve_ax.set(xlabel="step", ylabel="bits per byte", ylim=(lowest - 0.05, max(lowest + 0.5, 5.0)))
-    curve_ax.set_title("training bpb (thin), held-out bpb at 1x (dots)", fontsize=10)
+    curve_ax.set_title("training bpb (thin, mean of 5 steps), held-out at 1x (dots)", fontsize=10)
     length_ax.set(xlabel="held-out window (bytes)", ylabel="bits per byte")
     length_ax.set_xscale("log", base=2)
     length_ax.set_xticks([config["seq_len"] * m for m in config["eval_multiples"]])
@@ -403,7 +417,7 @@ def main():
             print_table(rows[-1:], columns(config), title=f"{spec}")
     print_table(rows, columns(config), title="Held-out bits per byte (lower is better)")
     print("\n" + markdown_table(rows, columns(config)) + "\n")
-    write_results(args, "real_text", config, rows, logs=logs)
+    write_results(args, "real_text", config, rows, logs=rounded(logs))
     plot(args, config, rows, logs)
 
 
