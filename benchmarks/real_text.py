@@ -55,8 +55,8 @@ DATA_DIR = os.path.expanduser("~/.cache/titans-data/package/data")
 VOCAB = 256 + NUM_SPECIAL_TOKENS
 HOLDOUT_EVERY = 10
 SPEC_SWITCHES = ("writes",)  # spec keys that are not config fields (see `build_model`)
-# Memory shape of the Titans models (16 heads of 16 channels, depth 2, expansion 4, chunks of 16 tokens, 128
-# persistent tokens); the gates' settings (memory_lr_max, ...) are TitansConfig's defaults unless a spec sets them.
+# The Titans models' memory: 16 heads of 16 channels, chunks of 16 tokens, 128 persistent tokens; its depth (2),
+# expansion (4) and inner-step settings (memory_lr_max, ...) are TitansConfig's defaults unless a spec sets them.
 TITANS_FIELDS = dict(memory_num_heads=16, memory_chunk_size=16, num_persistent_tokens=128)
 SMOKE_TITANS_FIELDS = dict(memory_num_heads=2, memory_chunk_size=4, num_persistent_tokens=2)
 # The smoke mode's text when the data folder is missing: a few plain sentences, repeated into documents.
