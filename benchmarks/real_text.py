@@ -81,7 +81,7 @@ def read_documents(data_dir: str, smoke: bool) -> tuple[list[bytes], str]:
         for path in files:
             with open(path, "rb") as f:
                 documents.append(f.read().strip())
-        return documents, f"{len(files)} files in {data_dir}"
+        return documents, f"{len(files)} files in {data_dir.replace(os.path.expanduser('~'), '~', 1)}"
     if smoke:
         return [f"Document {i}. {BUILT_IN_TEXT * 8}".encode() for i in range(20)], "built-in text (smoke)"
     raise SystemExit(f"No .txt files in {data_dir}; the module docstring says how to get the data.")
@@ -322,9 +322,10 @@ def rounded(value):
     return value
 
 
-def combine(paths: list[str]) -> tuple[dict, list[dict], dict]:
-    """The config, rows and logs of earlier runs' JSON files, which must share their config."""
-    config, rows, logs = None, [], {}
+def combine(paths: list[str]) -> tuple[dict, list[dict], dict, list[dict]]:
+    """The config, rows and logs of earlier runs' JSON files, which must share their config, and each run's
+    models, date, machine and library versions."""
+    config, rows, logs, runs = None, [], {}, []
     for path in paths:
         with open(path) as f:
             results = json.load(f)
@@ -333,7 +334,9 @@ def combine(paths: list[str]) -> tuple[dict, list[dict], dict]:
         config = results["config"]
         rows += results["rows"]
         logs.update(results["logs"])
-    return config, rows, logs
+        run = {key: results[key] for key in ("created", "machine", "versions")}
+        runs += results.get("runs", [dict(run, models=[row["model"] for row in results["rows"]])])
+    return config, rows, logs, runs
 
 
 def plot(args, config: dict, rows: list[dict], logs: dict):
@@ -397,7 +400,8 @@ def main():
         args.d, args.layers, args.attn_head_dim, args.window = 32, 2, 16, 8
         args.steps, args.batch, args.seq_len, args.warmup, args.eval_every, args.eval_spans = 4, 2, 16, 2, 2, 2
     if args.combine:
-        config, rows, logs = combine(args.combine)
+        config, rows, logs, runs = combine(args.combine)
+        extra = {"runs": runs}  # the date, machine and versions of every run combined
     else:
         documents, source = read_documents(args.data_dir, args.smoke)
         train, held = split_corpus(documents)
@@ -409,7 +413,7 @@ def main():
         config.update(eval_every=args.eval_every, eval_spans=args.eval_spans, eval_multiples=args.eval_multiples)
         config.update(data=source, train_bytes=len(train), held_out_bytes=len(held), scored_bytes=spans[:, 1:].numel())
         config["titans_fields"] = SMOKE_TITANS_FIELDS if args.smoke else TITANS_FIELDS
-        rows, logs = [], {}
+        rows, logs, extra = [], {}, {}
         for spec in args.models:
             result = train_one(spec, args, batches, spans)
             rows.append(result["row"])
@@ -417,7 +421,7 @@ def main():
             print_table(rows[-1:], columns(config), title=f"{spec}")
     print_table(rows, columns(config), title="Held-out bits per byte (lower is better)")
     print("\n" + markdown_table(rows, columns(config)) + "\n")
-    write_results(args, "real_text", config, rows, logs=rounded(logs))
+    write_results(args, "real_text", config, rows, logs=rounded(logs), **extra)
     plot(args, config, rows, logs)
 
 

@@ -171,6 +171,7 @@ def test_real_text_smoke_runs_without_data_and_runs_combine(tmp_path):
     combined = run_smoke("real_text", ["--combine", *paths], tmp_path / "both")
     assert [row["model"] for row in combined["rows"]] == ["lmm", "swa"]
     assert set(combined["logs"]) == {"lmm", "swa"}
+    assert [run["models"] for run in combined["runs"]] == [["lmm"], ["swa"]]
 
 
 def test_real_text_held_out_windows_score_the_same_bytes_at_every_length():
