@@ -239,7 +239,7 @@ def train_one(spec: str, args, batches: torch.Tensor, spans: torch.Tensor) -> di
         {"params": [p for n, p in model.named_parameters() if not is_decayed[n]], "weight_decay": 0.0},
     ]
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
-    windows = {m: windows_of(spans, args.seq_len * m).to(args.device) for m in args.eval_multiples}
+    windows = {m: windows_of(spans, args.seq_len * m).to(args.device) for m in {1, *args.eval_multiples}}
 
     def eval_batch(multiple: int) -> int:  # windows per forward pass: about 4 training batches of bytes
         return max(1, args.batch * 4 // multiple)
