@@ -62,8 +62,12 @@ CACHE_CONFIG_FIELDS = (
 
 
 def cache_layout(config) -> dict:
-    """The values of `CACHE_CONFIG_FIELDS` in `config` (lists copied, so later edits of the config do not move them)."""
-    return {field: copy.copy(getattr(config, field)) for field in CACHE_CONFIG_FIELDS}
+    """The values of `CACHE_CONFIG_FIELDS` in `config` (lists as tuples, so later edits of the config do not move
+    them)."""
+    return {
+        field: tuple(value) if isinstance(value, list) else value
+        for field, value in ((field, getattr(config, field)) for field in CACHE_CONFIG_FIELDS)
+    }
 
 
 class TitansLayerCache:
