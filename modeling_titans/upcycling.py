@@ -139,19 +139,23 @@ def llama_to_titans(llama, variant: str = "mag", sliding_window: int = 2048, mem
     return titans.to(parameter.dtype).eval()
 
 
-def load_llama(source: str, **from_pretrained_kwargs):
-    """The `LlamaForCausalLM` and tokenizer at `source`: a folder (save_pretrained or a Hub download) or a GGUF
-    file (read by transformers' GGUF support, which needs the `gguf` package). The tokenizer is None where the
-    folder has none."""
-    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
-
+def llama_location(source: str) -> dict:
+    """The `from_pretrained` arguments that read `source`: a folder (save_pretrained or a Hub download) or a GGUF
+    file (read by transformers' GGUF support, which needs the `gguf` package)."""
     if os.path.isfile(source) and source.endswith(".gguf"):
         folder, name = os.path.split(os.path.abspath(source))
-        location = {"pretrained_model_name_or_path": folder, "gguf_file": name}
-    elif os.path.isdir(source):
-        location = {"pretrained_model_name_or_path": source}
-    else:
-        raise ValueError(f"{source} is neither a model folder nor a .gguf file.")
+        return {"pretrained_model_name_or_path": folder, "gguf_file": name}
+    if os.path.isdir(source):
+        return {"pretrained_model_name_or_path": source}
+    raise ValueError(f"{source} is neither a model folder nor a .gguf file.")
+
+
+def load_llama(source: str, **from_pretrained_kwargs):
+    """The `LlamaForCausalLM` and tokenizer at `source` (`llama_location`); the tokenizer is None where the folder
+    has none."""
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    location = llama_location(source)
     check_llama_config(AutoConfig.from_pretrained(**location))
     model = LlamaForCausalLM.from_pretrained(**location, **from_pretrained_kwargs)
     try:
@@ -180,8 +184,14 @@ def convert_llama(
     """`titans convert`: converts the Llama at `source` (folder or .gguf) and saves the Titans model, its
     generation config and the source's tokenizer into `out_dir`. A non-empty `out_dir` is refused unless
     `overwrite`. Returns the model."""
+    from transformers import AutoConfig
+
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
         raise ValueError(f"{out_dir} is not empty; pass --overwrite to write into it, or choose another folder.")
+    # Refuse a source or settings that cannot convert before reading the weights.
+    titans_config_from_llama(
+        AutoConfig.from_pretrained(**llama_location(source)), variant, sliding_window, memory_layers, **memory_config
+    )
     llama, tokenizer = load_llama(source)
     titans = llama_to_titans(llama, variant, sliding_window, memory_layers, **memory_config)
     titans.save_pretrained(out_dir)
