@@ -173,7 +173,7 @@ def from_llama(model_or_path, variant: str = "mag", sliding_window: int = 2048, 
     if isinstance(model_or_path, (str, os.PathLike)):
         model_or_path, _ = load_llama(os.fspath(model_or_path))
     if not isinstance(model_or_path, LlamaForCausalLM):
-        raise ValueError(f"Expected a LlamaForCausalLM or a path to one, got {type(model_or_path).__name__}.")
+        raise TypeError(f"Expected a LlamaForCausalLM or a path to one, got {type(model_or_path).__name__}.")
     return llama_to_titans(model_or_path, variant, sliding_window, memory_layers, **memory_config)
 
 

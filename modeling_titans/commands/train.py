@@ -156,7 +156,7 @@ def run(args) -> int:
         from ..upcycling import train_only_memory
 
         try:
-            trainable = train_only_memory(model)
+            train_only_memory(model)
         except ValueError as error:
             raise CommandError(f"--train-only memory: {error}") from error
         count = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
