@@ -55,7 +55,7 @@ def source_model(args):
 def windowed(llama, window: int) -> MistralForCausalLM:
     """The Llama's weights under a sliding-window mask of `window` tokens."""
     fields = {k: v for k, v in llama.config.to_dict().items() if k not in ("model_type", "architectures", "quantization_config")}
-    reference = MistralForCausalLM(MistralConfig(**{**fields, "sliding_window": window})).eval()
+    reference = MistralForCausalLM(MistralConfig(**{**fields, "sliding_window": window})).to(llama.dtype).eval()
     reference.load_state_dict(llama.state_dict())
     return reference
 

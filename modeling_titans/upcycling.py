@@ -125,7 +125,7 @@ def llama_to_titans(llama, variant: str = "mag", sliding_window: int = 2048, mem
     config = titans_config_from_llama(llama.config, variant, sliding_window, memory_layers, **memory_config)
     parameter = next(llama.parameters())
     with torch.device(parameter.device):
-        titans = TitansForCausalLM(config)
+        titans = TitansForCausalLM(config).to(parameter.dtype)  # before copying: a copy would round to fp32
     titans.model.embed_tokens.load_state_dict(llama.model.embed_tokens.state_dict())
     titans.model.norm.load_state_dict(llama.model.norm.state_dict())
     if not config.tie_word_embeddings:
@@ -136,7 +136,7 @@ def llama_to_titans(llama, variant: str = "mag", sliding_window: int = 2048, mem
         titans_layer.mlp.load_state_dict(llama_layer.mlp.state_dict())
     titans.tie_weights()
     titans.generation_config = copy.deepcopy(llama.generation_config)
-    return titans.to(parameter.dtype).eval()
+    return titans.eval()
 
 
 def llama_location(source: str) -> dict:

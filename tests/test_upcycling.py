@@ -59,7 +59,7 @@ def windowed_llama(llama: LlamaForCausalLM, window: int) -> MistralForCausalLM:
     """The Llama's weights under a sliding-window mask of `window` tokens (each query sees itself and the
     window - 1 tokens before it), as Mistral applies it."""
     fields = {key: value for key, value in llama.config.to_dict().items() if key not in ("model_type", "architectures")}
-    reference = MistralForCausalLM(MistralConfig(**{**fields, "sliding_window": window})).eval()
+    reference = MistralForCausalLM(MistralConfig(**{**fields, "sliding_window": window})).to(llama.dtype).eval()
     reference.load_state_dict(llama.state_dict())
     return reference
 
