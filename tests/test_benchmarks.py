@@ -137,3 +137,5 @@ def test_upcycling_smoke_is_exact_and_bounded(tmp_path):
     assert {r["model"] for r in results["rows"]} == {"source", "mag"}
     titans = {r["cache_MiB"] for r in results["rows"] if r["model"] == "mag"}
     assert len(titans) == 1  # the converted model's cache does not grow with the context
+    source, converted = (row["loss"] for row in results["heldout"])
+    assert converted > 0 and source > 0
