@@ -214,6 +214,8 @@ def test_convert_command_writes_a_model_that_starts_as_the_llama(llama_folder, t
     with torch.no_grad():
         torch.testing.assert_close(titans(ids).logits, llama(ids).logits, atol=1e-5, rtol=0)
 
+    assert main(["generate", str(out), "--prompt", "The memory", "--max-new-tokens", "3", "--device", "cpu"]) == 0
+
     assert main(["convert", str(llama_folder), str(out), "--window", str(WINDOW)]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert main(["convert", str(llama_folder), str(out), "--window", str(WINDOW), "--overwrite"]) == 0
