@@ -23,13 +23,25 @@ import os
 import statistics
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+from harness import (
+    SMOKE_BACKBONE,
+    new_figure,
+    parse_args,
+    print_table,
+    save_figure,
+    write_results,
+)
+from speed import decode_times
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+)
 
 from modeling_titans import TitansForCausalLM
 from modeling_titans.upcycling import load_llama
-
-from harness import SMOKE_BACKBONE, new_figure, parse_args, print_table, save_figure, write_results
-from speed import decode_times
 
 PROMPT = (
     "<|im_start|>user\nWhat is the capital of France, and what is it famous for?<|im_end|>\n<|im_start|>assistant\n"
@@ -153,7 +165,8 @@ def plot(args, rows):
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    time_ax.legend()
+    if rows:
+        time_ax.legend()
     save_figure(fig, args, "upcycling.png")
 
 
