@@ -138,7 +138,8 @@ class TitansModel(TitansPreTrainedModel):
         it stands (at its learned M_0 for a new sequence, or the state a cache holds) and every token reads it, so
         the model keeps only what attention sees and what is already stored, which isolates what the memory adds."""
         for layer in self.layers:
-            layer.mixer.memory.writes_enabled = enabled
+            if layer.mixer.has_memory:
+                layer.mixer.memory.writes_enabled = enabled
 
     def set_input_embeddings(self, value):
         self.embed_tokens = value
@@ -373,6 +374,17 @@ class TitansForCausalLM(TitansPreTrainedModel, GenerationMixin):
     def set_memory_writes(self, enabled: bool):
         """See `TitansModel.set_memory_writes`."""
         self.model.set_memory_writes(enabled)
+
+    @classmethod
+    def from_llama(cls, model_or_path, variant="mag", sliding_window=2048, memory_layers=None, **memory_config):
+        """A Titans model built from a pretrained `LlamaForCausalLM` (in memory, a folder or a .gguf file): the
+        Llama's weights, plus a neural memory in `memory_layers` (default all) that contributes exactly nothing
+        until it is trained, so the new model gives the Llama's logits under a `sliding_window` mask. `variant`
+        is "mag" or "mal"; `memory_config` sets other TitansConfig fields (memory_depth, memory_chunk_size, ...).
+        See `modeling_titans/upcycling.py`."""
+        from .upcycling import from_llama
+
+        return from_llama(model_or_path, variant, sliding_window, memory_layers, **memory_config)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """generate() gets a TitansCache (never a DynamicCache); a cache passed in by the user is continued."""
