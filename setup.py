@@ -33,6 +33,8 @@ setup(
     entry_points={"console_scripts": ["titans = modeling_titans.cli:main"]},
     extras_require={
         "peft": PEFT,
+        # reading a Llama from a .gguf file (`titans convert model.gguf ...`)
+        "upcycle": ["gguf"],
         # titans-pytorch is only a point of comparison in benchmarks/, never a dependency of the model
         "bench": PLOTS + ["titans-pytorch>=0.5"],
         "all": ALL,

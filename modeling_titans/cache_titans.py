@@ -16,7 +16,6 @@ differs in any of them.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import torch
@@ -62,8 +61,12 @@ CACHE_CONFIG_FIELDS = (
 
 
 def cache_layout(config) -> dict:
-    """The values of `CACHE_CONFIG_FIELDS` in `config` (lists copied, so later edits of the config do not move them)."""
-    return {field: copy.copy(getattr(config, field)) for field in CACHE_CONFIG_FIELDS}
+    """The values of `CACHE_CONFIG_FIELDS` in `config` (lists copied, so later edits of the config do not move
+    them)."""
+    return {
+        field: list(value) if isinstance(value, list) else value
+        for field, value in ((field, getattr(config, field)) for field in CACHE_CONFIG_FIELDS)
+    }
 
 
 class TitansLayerCache:

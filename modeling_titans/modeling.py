@@ -138,7 +138,8 @@ class TitansModel(TitansPreTrainedModel):
         it stands (at its learned M_0 for a new sequence, or the state a cache holds) and every token reads it, so
         the model keeps only what attention sees and what is already stored, which isolates what the memory adds."""
         for layer in self.layers:
-            layer.mixer.memory.writes_enabled = enabled
+            if layer.mixer.has_memory:
+                layer.mixer.memory.writes_enabled = enabled
 
     def set_input_embeddings(self, value):
         self.embed_tokens = value
@@ -202,15 +203,18 @@ class TitansModel(TitansPreTrainedModel):
         elif seen.shape[0] != batch_size:
             raise ValueError(f"The cache holds {seen.shape[0]} rows but the input has {batch_size}.")
 
-        if seq_len > 1 and bool((seen % self.block_size != 0).any()):
+        resuming = cache is not None and cache.seen_tokens is not None  # else every row starts at position 0
+        if seq_len > 1 and resuming and bool((seen % self.block_size != 0).any()):
             # Some row stands inside a chunk or segment: the parallel forms assume each row starts on a boundary.
             # Continue token by token, which is exact (the same math the decoding step uses).
             return self.forward_token_by_token(
                 inputs_embeds, new_mask, position_ids, cache, output_attentions, output_hidden_states
             )
 
-        # Packed layout: each row's real tokens first, its pads after them.
-        packing = RowPacking(new_mask)
+        # Packed layout: each row's real tokens first, its pads after them. Without a mask nothing is read from a
+        # tensor to know that (no host sync on the hot path).
+        all_valid = attention_mask is None or bool(new_mask.all())
+        packing = RowPacking(new_mask, all_valid)
         hidden_states = packing.pack(inputs_embeds)
         columns = torch.arange(seq_len, device=seen.device).expand(batch_size, -1)
         positions = seen[:, None] + columns
@@ -218,9 +222,10 @@ class TitansModel(TitansPreTrainedModel):
             positions=positions,
             valid=packing.valid,
             seen=seen,
-            all_valid=bool(new_mask.all()),
+            all_valid=all_valid,
             columns=past_positions + (columns if packing.order is None else packing.order),
             num_columns=past_positions + seq_len,
+            first_position=0 if all_valid and not resuming else None,
         )
         rope_positions = positions if position_ids is None else packing.pack(position_ids.expand(batch_size, -1))
         rotary = self.rotary_emb(hidden_states, rope_positions)
@@ -285,11 +290,17 @@ class TitansModel(TitansPreTrainedModel):
         )
 
     def check_token_ids(self, input_ids):
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
-            bad = input_ids[(input_ids < 0) | (input_ids >= self.config.vocab_size)]
+        """Refuses ids outside the vocabulary. On CPU in eager mode with the offending id; elsewhere (an
+        accelerator, or while `torch.compile` traces) as an asynchronous device assertion, which does not stall
+        the host nor break the compiled graph."""
+        outside = (input_ids < 0) | (input_ids >= self.config.vocab_size)
+        message = f"input_ids outside the vocabulary [0, {self.config.vocab_size}): does the tokenizer match the model?"
+        if input_ids.device.type != "cpu" or torch.compiler.is_compiling():
+            torch._assert_async(~outside.any(), message)
+        elif bool(outside.any()):
             raise ValueError(
-                f"input_ids contain {bad[0].item()}, outside the vocabulary [0, {self.config.vocab_size}); check that "
-                "the tokenizer matches the model's vocab_size."
+                f"input_ids contain {input_ids[outside][0].item()}, outside the vocabulary [0, "
+                f"{self.config.vocab_size}); check that the tokenizer matches the model's vocab_size."
             )
 
     @staticmethod
@@ -363,6 +374,17 @@ class TitansForCausalLM(TitansPreTrainedModel, GenerationMixin):
     def set_memory_writes(self, enabled: bool):
         """See `TitansModel.set_memory_writes`."""
         self.model.set_memory_writes(enabled)
+
+    @classmethod
+    def from_llama(cls, model_or_path, variant="mag", sliding_window=2048, memory_layers=None, **memory_config):
+        """A Titans model built from a pretrained `LlamaForCausalLM` (in memory, a folder or a .gguf file): the
+        Llama's weights, plus a neural memory in `memory_layers` (default all) that contributes exactly nothing
+        until it is trained, so the new model gives the Llama's logits under a `sliding_window` mask. `variant`
+        is "mag" or "mal"; `memory_config` sets other TitansConfig fields (memory_depth, memory_chunk_size, ...).
+        See `modeling_titans/upcycling.py`."""
+        from .upcycling import from_llama
+
+        return from_llama(model_or_path, variant, sliding_window, memory_layers, **memory_config)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """generate() gets a TitansCache (never a DynamicCache); a cache passed in by the user is continued."""

@@ -131,6 +131,16 @@ def test_titans_pytorch_model_has_matching_sizes():
     assert abs(theirs - ours) / ours < 0.05 and BACKBONE["hidden_size"] == 256
 
 
+def test_upcycling_smoke_is_exact_and_bounded(tmp_path):
+    results = run_smoke("upcycling", [], tmp_path)
+    assert all(value < 1e-5 for value in results["exactness"].values())
+    assert {r["model"] for r in results["rows"]} == {"source", "mag"}
+    titans = {r["cache_MiB"] for r in results["rows"] if r["model"] == "mag"}
+    assert len(titans) == 1  # the converted model's cache does not grow with the context
+    source, converted = (row["loss"] for row in results["heldout"])
+    assert converted > 0 and source > 0
+
+
 def write_documents(folder, count=12):
     """A tiny stand-in for the State of the Union folder: `count` numbered English documents, one per file."""
     folder.mkdir()

@@ -211,6 +211,7 @@ def test_exported_folder_holds_a_complete_repository(hub_root):
     code = {"configuration_titans.py", "modeling_titans.py", "cache_titans.py", "tokenization_titans.py"}
     code |= {"token_mixers.py", "attention.py", "memory_layer.py", "basics.py", "tokens.py"}  # layers/
     code |= {"memory_network.py", "neural_memory.py", "chunk_scan.py"}  # ops/
+    code.add("upcycling.py")  # TitansForCausalLM.from_llama
     data = {"README.md", "config.json", "generation_config.json", "model.safetensors", "tokenizer_config.json"}
     data.add("training_summary.json")
     assert files == code | data

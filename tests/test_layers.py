@@ -9,15 +9,15 @@ from safetensors.torch import load_file
 
 from helpers import CHUNK, SEGMENT, WINDOW, full_logits, prefill_then_decode, random_ids, tiny_config, tiny_model
 from modeling_titans import TitansCache, TitansConfig, TitansForCausalLM
-from modeling_titans.configuration.configuration_titans import TITANS_FORMAT_VERSION, VARIANTS
+from modeling_titans.configuration.configuration_titans import MIXER_KINDS, TITANS_FORMAT_VERSION, VARIANTS
 from modeling_titans.layers.token_mixers import TOKEN_MIXERS, attention_reach, block_size, has_attention
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
 
 def test_every_variant_has_one_mixer_class():
-    assert set(TOKEN_MIXERS) == set(VARIANTS)
-    assert len(set(TOKEN_MIXERS.values())) == len(VARIANTS)
+    assert set(TOKEN_MIXERS) == set(MIXER_KINDS) and set(VARIANTS) < set(MIXER_KINDS)
+    assert len(set(TOKEN_MIXERS.values())) == len(MIXER_KINDS)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -51,8 +51,23 @@ def test_hybrid_model_runs_a_mixer_per_layer_and_decodes_exactly():
     torch.testing.assert_close(prefill_then_decode(model, input_ids, SEGMENT + 3), expected, rtol=0, atol=1e-4)
 
 
+def test_layers_without_memory_decode_exactly():
+    """Sliding-window attention without a memory ("swa", the layers a converted Llama leaves without one) next to
+    a memory layer: its reach is the window, it needs no block alignment, and decoding gives the full forward."""
+    config = tiny_config("mag", mixer_types=["swa", "mal"])
+    assert (attention_reach(config), block_size(config), has_attention(config)) == (WINDOW, CHUNK, True)
+    torch.manual_seed(0)
+    model = TitansForCausalLM(config).eval()
+    assert model.model.layers[0].mixer.memory is None
+    model.set_memory_writes(False)
+    model.set_memory_writes(True)
+    input_ids = random_ids(2, 3 * WINDOW + 1)
+    expected = full_logits(model, input_ids)
+    torch.testing.assert_close(prefill_then_decode(model, input_ids, WINDOW + 3), expected, rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize(
-    "mixer_types", [["mag"], ["mag", "swa"], "mag"], ids=["too-few", "unknown-kind", "not-a-list"]
+    "mixer_types", [["mag"], ["mag", "moe"], "mag"], ids=["too-few", "unknown-kind", "not-a-list"]
 )
 def test_mixer_types_must_name_a_known_kind_per_layer(mixer_types):
     with pytest.raises(ValueError, match="TitansConfig.mixer_types="):

@@ -4,6 +4,7 @@
     titans train --preset tiny --task babi --max-steps 5 --output-dir runs/tiny
     titans train --preset small --train-file book.txt notes.jsonl --seq-len 512 --output-dir runs/book
     titans train --model-name-or-path runs/book --train-file more.txt --output-dir runs/book2 --bf16
+    titans train --model-name-or-path converted --train-only memory --train-file book.txt --output-dir runs/mem
     titans train --preset small --output-dir runs/passkey --resume         # continue from the last checkpoint
 
 Data: a built-in task (`modeling_titans.tasks`; examples generated on the fly, loss on the answer; `--seq-len
@@ -44,6 +45,10 @@ class ModelArguments:
     config: str | None = field(default=None, metadata={"help": "a config.json for a new model instead of a preset"})
     tokenizer: str | None = field(
         default=None, metadata={"help": "a saved tokenizer for a new model (default: the byte-level tokenizer)"}
+    )
+    train_only: Literal["all", "memory"] = field(
+        default="all",
+        metadata={"help": "memory: freeze everything but the neural memories (e.g. a model from `titans convert`)"},
     )
 
 
@@ -147,6 +152,15 @@ def run(args) -> int:
     tokenizer = load_tokenizer(checkpoint or model_args.model_name_or_path or model_args.tokenizer)
     set_seed(training_args.seed)
     model = build_model(model_args, checkpoint, tokenizer)
+    if model_args.train_only == "memory":
+        from ..upcycling import train_only_memory
+
+        try:
+            train_only_memory(model)
+        except ValueError as error:
+            raise CommandError(f"--train-only memory: {error}") from error
+        count = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+        print(f"Training the neural memories only: {count:,} of {model.num_parameters():,} parameters.")
     if max(seq_lens) > model.config.max_position_embeddings:
         raise CommandError(
             f"--seq-len {max(seq_lens)} exceeds the model's max_position_embeddings={model.config.max_position_embeddings}."

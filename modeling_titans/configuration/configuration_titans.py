@@ -12,6 +12,9 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 # The paper's four variants (Sec. 4). Each names a token-mixer class in `layers/token_mixers.py` (`TOKEN_MIXERS`).
 VARIANTS = ("mac", "mag", "mal", "lmm")
+# The token mixers a layer may have (`mixer_types`): a variant's, or sliding-window attention without a memory
+# ("swa": the layers a model converted from Llama leaves without memory, `modeling_titans/upcycling.py`).
+MIXER_KINDS = (*VARIANTS, "swa")
 ACTIVATIONS = tuple(sorted(ACT2CLS))  # the names transformers' ACT2FN knows
 ROPE_TYPES = ("default", *sorted(ROPE_INIT_FUNCTIONS))
 PRESET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")
@@ -38,7 +41,8 @@ class TitansConfig(PreTrainedConfig):
     - `variant`: `"mac"` (memory as context), `"mag"` (memory as gate), `"mal"` (memory as layer) or `"lmm"`
       (the neural memory alone).
     - `mixer_types`: the token mixer of each layer, one of the variants per layer (default: `variant` in every
-      layer); a hybrid model is a list such as `["mag", "mag", "mac", "mag"]`.
+      layer); a hybrid model is a list such as `["mag", "mag", "mac", "mag"]`. `"swa"` is sliding-window
+      attention without a neural memory (the layers of a model converted from Llama that get no memory).
     - `memory_depth` (L_M >= 1; 1 = matrix memory), `memory_expansion` (hidden width of a deep memory, as a
       multiple of the head width), `memory_num_heads` (each head has its own memory MLP over
       `hidden_size / memory_num_heads` channels).
@@ -64,6 +68,8 @@ class TitansConfig(PreTrainedConfig):
     - Ablations of the paper's Table 5: `use_momentum`, `use_forgetting`, `use_conv`,
       `num_persistent_tokens=0`, `memory_depth=1`.
     - `gate_activation`: the non-linearity of the MAG / MAC output gate (a name in ACT2FN).
+    - `gate_attention_norm`: whether the MAG / MAC output gate RMS-normalises the attention output (Eq. 28);
+      False passes it as it is, which lets a model converted from Llama start as exactly that Llama.
     """
 
     model_type = "titans"
@@ -108,6 +114,7 @@ class TitansConfig(PreTrainedConfig):
     use_forgetting: bool = True
     use_conv: bool = True
     gate_activation: str = "sigmoid"
+    gate_attention_norm: bool = True
     titans_format_version: int = TITANS_FORMAT_VERSION
 
     def __post_init__(self, **kwargs):
@@ -145,9 +152,9 @@ class TitansConfig(PreTrainedConfig):
         require(
             isinstance(self.mixer_types, (list, tuple))
             and len(self.mixer_types) == self.num_hidden_layers
-            and all(kind in VARIANTS for kind in self.mixer_types),
+            and all(kind in MIXER_KINDS for kind in self.mixer_types),
             "mixer_types",
-            f"must list one of {VARIANTS} for each of the num_hidden_layers={self.num_hidden_layers} layers",
+            f"must list one of {MIXER_KINDS} for each of the num_hidden_layers={self.num_hidden_layers} layers",
         )
         positive = (
             "vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads num_key_value_heads "

@@ -53,16 +53,24 @@ class AttentionKeys:
             torch.cat([self.slots, slots], dim=1),
         )
 
-    def keep_from(self, first_position: torch.Tensor) -> "AttentionKeys":
-        """Keeps, per row, the entries at positions >= first_position (batch,); drops columns nobody needs."""
-        valid = self.valid & (self.positions >= first_position.unsqueeze(1))
-        needed = valid.any(dim=0).nonzero()
-        start = int(needed[0]) if len(needed) else valid.shape[1]
+    def keep_from(self, first_position: torch.Tensor | int, start: int | None = None) -> "AttentionKeys":
+        """Keeps, per row, the entries at positions >= first_position ((batch,), or one int for every row) and
+        drops the columns before `start`; None: before the first column any row still needs (read from the
+        tensors, a host sync)."""
+        threshold = first_position if isinstance(first_position, int) else first_position.unsqueeze(1)
+        valid = self.valid & (self.positions >= threshold)
+        if start is None:
+            needed = valid.any(dim=0).nonzero()
+            start = int(needed[0]) if len(needed) else valid.shape[1]
+        return AttentionKeys(self.keys, self.values, self.positions, valid, self.slots).tail(start)
+
+    def tail(self, start: int) -> "AttentionKeys":
+        """The entries from column `start` on."""
         return AttentionKeys(
             self.keys[:, :, start:],
             self.values[:, :, start:],
             self.positions[:, start:],
-            valid[:, start:],
+            self.valid[:, start:],
             self.slots[:, start:],
         )
 
@@ -179,15 +187,19 @@ class TitansAttention(nn.Module):
         if self.persistent_tokens is not None:
             prefix_keys, prefix_values = self.prefix(batch_size, x.dtype)
         block = self.query_block_size(seq_len)
+        # A fresh pass without padding: key column c holds position first_position + c (twice over with memory
+        # tokens), so the columns each block reaches are known without reading a tensor.
+        static_first = tokens.first_position if past.keys.shape[2] == 0 else None
         outputs, weights = [], []
         for start in range(0, seq_len, block):
             q_pos = tokens.positions[:, start : start + block]
-            first = self.window_start(q_pos[:, :1]).squeeze(1)
-            last = q_pos[:, -1]
-            # Only key columns that some row of this block may see.
-            in_range = visible.valid & (visible.positions >= first[:, None]) & (visible.positions <= last[:, None])
-            columns = in_range.any(dim=0).nonzero().squeeze(1)
-            lo, hi = (int(columns[0]), int(columns[-1]) + 1) if len(columns) else (0, 0)
+            if static_first is None:
+                lo, hi = self.reached_columns(visible, q_pos)
+            elif memory_tokens is None:
+                lo = max(0, self.window_start(static_first + start) - static_first)
+                hi = min(start + block, seq_len)
+            else:  # MAC: one segment per call, every column of it reachable
+                lo, hi = 0, visible.keys.shape[2]
             k_pos, k_valid = visible.positions[:, lo:hi], visible.valid[:, lo:hi]
             allowed = (
                 k_valid[:, None, :]
@@ -217,8 +229,21 @@ class TitansAttention(nn.Module):
                 query_valid = tokens.valid[:, start : start + block]
                 weights.append(slotted_weights(block_weights, visible.slots[:, lo:hi], num_slots, query_valid))
         out = torch.cat(outputs, dim=1).reshape(batch_size, seq_len, -1)
-        kept = visible.keep_from(self.window_start(tokens.next_position))
+        if static_first is None:
+            kept = visible.keep_from(self.window_start(tokens.next_position))
+        else:  # the next query's window starts at column `first` of each half (none kept when it is past the end)
+            next_start = self.window_start(static_first + seq_len)
+            first = min(max(0, next_start - static_first), seq_len)
+            kept = visible.keep_from(next_start, start=visible.keys.shape[2] if first == seq_len else first)
         return self.o_proj(out), torch.cat(weights, dim=2) if output_attentions else None, kept
+
+    def reached_columns(self, visible: AttentionKeys, q_pos: torch.Tensor) -> tuple[int, int]:
+        """[lo, hi): the key columns that some row's query at the positions `q_pos` (batch, block) may see."""
+        first = self.window_start(q_pos[:, :1]).squeeze(1)
+        last = q_pos[:, -1]
+        in_range = visible.valid & (visible.positions >= first[:, None]) & (visible.positions <= last[:, None])
+        columns = in_range.any(dim=0).nonzero().squeeze(1)
+        return (int(columns[0]), int(columns[-1]) + 1) if len(columns) else (0, 0)
 
 
 class SlidingWindowAttention(TitansAttention):

@@ -4,11 +4,16 @@
     mal  MemoryAsLayer    x + Memory(norm(x)), then + SlidingWindowAttn(norm(.))
     mag  MemoryAsGate     x + Gate(SlidingWindowAttn(norm(x)), Memory(norm(x)))
     mac  MemoryAsContext  x + per segment: h = M_{s-1}(q), y = Attn([persistent, h, segment]), write y, Gate(y, M(y))
+    swa  SlidingWindowAttentionOnly  x + SlidingWindowAttn(norm(x)), no memory (layers of a converted Llama)
 
 A mixer reads the residual stream and returns what it adds to it (the decoder layer adds it, then the MLP). It
 owns its slot of the `TitansCache`: it alone reads and writes `cache.state`, whose type it defines. It also
 declares the facts other code needs (`has_attention`, `attention_reach`, `block_size`, what a model card shows),
 so the command line, the model card and the benchmarks read them instead of re-deriving them.
+
+MAL, MAG and the memory-less kind can start as a Llama block's attention (`start_as_attention`): the memory's
+output projection is zero, so at that point the mixer computes exactly the block's attention and the memory adds
+nothing until it is trained (`modeling_titans/upcycling.py`).
 """
 
 from __future__ import annotations
@@ -27,18 +32,40 @@ from .basics import TitansRMSNorm
 from .memory_layer import NeuralMemoryState, TitansNeuralMemory
 from .tokens import TokenInfo
 
+
 class TitansOutputGate(nn.Module):
-    """o = W_O(RMSNorm_a(y) * sigma(RMSNorm_b(m))): the non-linear gate of MAG (Eq. 28) and MAC (Eq. 25)."""
+    """o = W_O(RMSNorm_a(y) * sigma(RMSNorm_b(m))): the non-linear gate of MAG (Eq. 28) and MAC (Eq. 25). Without
+    `config.gate_attention_norm`, o = W_O(y * sigma(RMSNorm_b(m))): the attention output y is not normalised."""
 
     def __init__(self, config):
         super().__init__()
-        self.attn_norm = TitansRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.attn_norm = (
+            TitansRMSNorm(config.hidden_size, eps=config.rms_norm_eps) if config.gate_attention_norm else None
+        )
         self.memory_norm = TitansRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.activation = ACT2FN[config.gate_activation]
         self.gate_o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
 
     def forward(self, attended, remembered):
-        return self.gate_o_proj(self.attn_norm(attended) * self.activation(self.memory_norm(remembered)))
+        if self.attn_norm is not None:
+            attended = self.attn_norm(attended)
+        return self.gate_o_proj(attended * self.activation(self.memory_norm(remembered)))
+
+    @torch.no_grad()
+    def pass_attention(self):
+        """Sets the gate to o = y wherever the memory reads m = 0: there sigma(RMSNorm_b(0)) = sigma(0) = c for every
+        channel, so W_O = I / c (exact when c is a power of two, as sigmoid's 1/2). Needs the gate without the
+        attention norm, which no linear map can undo."""
+        if self.attn_norm is not None:
+            raise ValueError(
+                "gate_attention_norm=True: the output gate RMS-normalises the attention output, so it cannot pass "
+                "it unchanged; use gate_attention_norm=False."
+            )
+        scale = float(self.activation(torch.zeros(())))
+        if scale == 0.0:
+            raise ValueError("gate_activation is 0 at 0, so the output gate cannot pass attention; use sigmoid.")
+        weight = self.gate_o_proj.weight
+        weight.copy_(torch.eye(weight.shape[0], dtype=weight.dtype, device=weight.device) / scale)
 
 
 class TokenMixer(nn.Module):
@@ -51,6 +78,7 @@ class TokenMixer(nn.Module):
     description: str  # one line for model cards
     config_fields: tuple[str, ...] = ()  # config fields that shape this mixer beyond the memory's
     has_attention = False
+    has_memory = True
 
     @classmethod
     def attention_reach(cls, config) -> int:
@@ -67,7 +95,7 @@ class TokenMixer(nn.Module):
         self.config = config
         self.layer_idx = layer_idx
         self.input_layernorm = TitansRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.memory = TitansNeuralMemory(config)
+        self.memory = TitansNeuralMemory(config) if self.has_memory else None
 
     def forward(self, hidden_states, tokens: TokenInfo, rotary, cache=None, output_attentions: bool = False):
         """`cache` is this layer's `TitansLayerCache`; its `state` is read and replaced here."""
@@ -79,6 +107,12 @@ class TokenMixer(nn.Module):
 
     def mix(self, hidden_states, tokens: TokenInfo, rotary, state, output_attentions: bool):
         raise NotImplementedError
+
+    def silence_memory(self):
+        """Zeroes the memory's output projection: the memory then adds exactly 0 wherever its output goes, while
+        its other weights (and the gradient reaching that projection) stay as they are."""
+        with torch.no_grad():
+            self.memory.mem_o_proj.weight.zero_()
 
 
 class MemoryOnly(TokenMixer):
@@ -111,6 +145,33 @@ class SlidingWindowMixer(TokenMixer):
         super().__init__(config, layer_idx)
         self.self_attn = SlidingWindowAttention(config, layer_idx)
 
+    def start_as_attention(self, norm: nn.Module, attention: nn.Module):
+        """Makes this mixer compute exactly `attention(norm(x))` (a Llama block's input RMSNorm and attention,
+        whose weights are copied) under the sliding window, the memory adding nothing until it is trained."""
+        raise NotImplementedError
+
+
+class SlidingWindowAttentionOnly(SlidingWindowMixer):
+    """Sliding-window attention without a neural memory: the layers of a model converted from Llama that the
+    memory was not added to."""
+
+    description = "sliding-window attention without a neural memory"
+    has_memory = False
+
+    @classmethod
+    def block_size(cls, config) -> int:
+        return 1
+
+    def mix(self, hidden_states, tokens, rotary, state: AttentionKeys | None, output_attentions):
+        attended, weights, state = self.self_attn(
+            self.input_layernorm(hidden_states), tokens, rotary, state, output_attentions=output_attentions
+        )
+        return attended, weights, state
+
+    def start_as_attention(self, norm: nn.Module, attention: nn.Module):
+        self.input_layernorm.load_state_dict(norm.state_dict())
+        self.self_attn.load_state_dict(attention.state_dict())
+
 
 class MemoryAsLayer(SlidingWindowMixer):
     """MAL (Sec. 4.3, Eqs. 29-31): a memory layer, then sliding-window attention over its output."""
@@ -129,6 +190,13 @@ class MemoryAsLayer(SlidingWindowMixer):
             output_attentions=output_attentions,
         )
         return remembered + attended, weights, MemoryAndAttentionState(memory, attention)
+
+    def start_as_attention(self, norm: nn.Module, attention: nn.Module):
+        """The attention reads attention_layernorm(x + 0), the memory the same normalised input."""
+        self.input_layernorm.load_state_dict(norm.state_dict())
+        self.attention_layernorm.load_state_dict(norm.state_dict())
+        self.self_attn.load_state_dict(attention.state_dict())
+        self.silence_memory()
 
 
 class MemoryAsGate(SlidingWindowMixer):
@@ -152,6 +220,13 @@ class MemoryAsGate(SlidingWindowMixer):
         )
         remembered, memory = self.memory(x, tokens, state.memory)
         return self.output_gate(attended, remembered), weights, MemoryAndAttentionState(memory, attention)
+
+    def start_as_attention(self, norm: nn.Module, attention: nn.Module):
+        """The memory reads 0, so the gate is sigma(0) on every channel, which its output projection undoes."""
+        self.input_layernorm.load_state_dict(norm.state_dict())
+        self.self_attn.load_state_dict(attention.state_dict())
+        self.silence_memory()
+        self.output_gate.pass_attention()
 
 
 @dataclass
@@ -224,6 +299,7 @@ TOKEN_MIXERS: dict[str, type[TokenMixer]] = {
     "mag": MemoryAsGate,
     "mal": MemoryAsLayer,
     "lmm": MemoryOnly,
+    "swa": SlidingWindowAttentionOnly,
 }
 
 

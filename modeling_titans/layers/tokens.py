@@ -23,6 +23,10 @@ class TokenInfo:
     all_valid: bool  # no padding at all (lets the hot path skip masking)
     columns: torch.Tensor  # (batch, T) long: the token's input column, counting every column a cache consumed
     num_columns: int  # input columns so far, this pass's included (the key axis of returned attention weights)
+    # The position of the first token when it is known without reading a tensor: every row real and starting there
+    # (a fresh pass without padding starts at 0). Then positions are first_position + column, and attention slices
+    # its keys with Python ints (no host sync, so `torch.compile` traces the pass in one graph). None otherwise.
+    first_position: int | None = None
 
     @classmethod
     def unpadded(cls, batch_size: int, length: int, device=None) -> "TokenInfo":
@@ -30,7 +34,7 @@ class TokenInfo:
         positions = torch.arange(length, device=device).expand(batch_size, -1)
         valid = torch.ones(batch_size, length, dtype=torch.bool, device=device)
         seen = torch.zeros(batch_size, dtype=torch.long, device=device)
-        return cls(positions, valid, seen, True, positions, length)
+        return cls(positions, valid, seen, True, positions, length, first_position=0)
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -44,12 +48,18 @@ class TokenInfo:
     def slice(self, start: int, end: int) -> "TokenInfo":
         valid = self.valid[:, start:end]
         seen = self.seen + self.valid[:, :start].sum(dim=1)
+        first = None if self.first_position is None else self.first_position + start
         return TokenInfo(
-            self.positions[:, start:end], valid, seen, self.all_valid, self.columns[:, start:end], self.num_columns
+            self.positions[:, start:end], valid, seen, self.all_valid, self.columns[:, start:end], self.num_columns,
+            first,
         )
 
-    def closes_block(self, block_size: int) -> torch.Tensor:
-        """(batch,) bool: the row wrote a token in this pass and its last one ends a block of `block_size`."""
+    def closes_block(self, block_size: int) -> torch.Tensor | bool:
+        """(batch,) bool: the row wrote a token in this pass and its last one ends a block of `block_size`; one
+        bool for every row when `first_position` is known."""
+        if self.first_position is not None:
+            length = self.valid.shape[1]
+            return length > 0 and (self.first_position + length) % block_size == 0
         return (self.lengths > 0) & (self.next_position % block_size == 0)
 
 
@@ -58,13 +68,13 @@ class RowPacking:
     back to the input's columns. Rows whose real tokens already come first (no padding, right padding) stay as
     they are; otherwise pads are zero in both layouts."""
 
-    def __init__(self, mask: torch.Tensor):
-        """`mask` (batch, T) bool: True for real tokens."""
+    def __init__(self, mask: torch.Tensor, all_valid: bool = False):
+        """`mask` (batch, T) bool: True for real tokens; `all_valid`: known to be all True (nothing to check)."""
         self.mask = mask
         as_int = mask.long()
         self.order = None  # order[r, t]: the input column of packed slot t; None: every row is packed already
         self.valid = mask  # (batch, T) bool: real tokens in the packed layout
-        if not bool((as_int.cummin(dim=1).values == as_int).all()):
+        if not all_valid and not bool((as_int.cummin(dim=1).values == as_int).all()):
             self.order = torch.argsort(1 - as_int, dim=1, stable=True)
             self.inverse = torch.argsort(self.order, dim=1)
             self.valid = torch.arange(mask.shape[1], device=mask.device) < as_int.sum(dim=1, keepdim=True)

@@ -98,9 +98,13 @@ def checkpointed_memory_scan(
     segment = segment_chunks or math.ceil(math.sqrt(num_chunks))
     depth = len(state.weights)
     momentum = () if state.momentum is None else state.momentum
+    # At a chunk boundary the snapshot is the weights themselves: they go in once (torch.compile traces an
+    # autograd.Function only if no tensor repeats among its inputs).
+    snapshot_is_weights = all(p is w for p, w in zip(state.snapshot, state.weights))
+    snapshot = () if snapshot_is_weights else state.snapshot
     outputs = _CheckpointedScan.apply(
-        network, chunk_size, closes, segment, depth,
-        queries, keys, values, *coefficients.tensors(), *state.snapshot, *state.weights, *momentum,
+        network, chunk_size, closes, segment, depth, snapshot_is_weights,
+        queries, keys, values, *coefficients.tensors(), *snapshot, *state.weights, *momentum,
     )
     reads = outputs[0][..., :length, :]
     weights, snapshot, momentum = outputs[1 : 1 + depth], outputs[1 + depth : 1 + 2 * depth], outputs[1 + 2 * depth :]
@@ -169,13 +173,16 @@ class _Segment:
 
 class _CheckpointedScan(torch.autograd.Function):
     """Inputs: q, k, v (batch, heads, N c, d) of whole chunks, the five `ChunkCoefficients` fields batched over
-    chunks (dim 2; carry, surprise and eta_total None without momentum), then the incoming state's snapshot,
-    weights and momentum (one tensor per memory layer; no momentum tensors without momentum).
+    chunks (dim 2; carry, surprise and eta_total None without momentum), then the incoming state's snapshot
+    (absent when `snapshot_is_weights`), weights and momentum (one tensor per memory layer; no momentum tensors
+    without momentum).
     Outputs: reads (batch, heads, N c, d), then the end state's weights, snapshot and momentum."""
 
     @staticmethod
-    def forward(ctx, network, chunk_size, closes, segment, depth, queries, keys, values, *tensors):
+    def forward(ctx, network, chunk_size, closes, segment, depth, snapshot_is_weights, queries, keys, values, *tensors):
         coefficient_tensors, states = tensors[:5], tensors[5:]
+        if snapshot_is_weights:
+            states = (*states[:depth], *states)
         coefficients = ChunkCoefficients(*coefficient_tensors)
         state = (states[:depth], states[depth : 2 * depth], states[2 * depth :] or None)
         reads, saved = [], []
@@ -191,7 +198,7 @@ class _CheckpointedScan(torch.autograd.Function):
         # The snapshot may be the end weights or an input (when no chunk closes); an output of its own must be
         # a tensor of its own.
         snapshot = tuple(p.clone() for p in snapshot)
-        ctx.layout = (network, chunk_size, closes, segment, depth, momentum is not None)
+        ctx.layout = (network, chunk_size, closes, segment, depth, momentum is not None, snapshot_is_weights)
         flat_saved = [t for s in saved for part in s if part is not None for t in part]
         ctx.save_for_backward(queries, keys, values, *(t for t in coefficient_tensors if t is not None), *flat_saved)
         ctx.has_coefficient = [t is not None for t in coefficient_tensors]
@@ -201,7 +208,7 @@ class _CheckpointedScan(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, d_reads, *d_state):
-        network, chunk_size, closes, segment, depth, has_momentum = ctx.layout
+        network, chunk_size, closes, segment, depth, has_momentum, snapshot_is_weights = ctx.layout
         saved = list(ctx.saved_tensors)
         queries, keys, values = saved[:3]
         coefficient_tensors = [saved.pop(3) if present else None for present in ctx.has_coefficient]
@@ -262,8 +269,10 @@ class _CheckpointedScan(torch.autograd.Function):
             for buffer, grad in zip(coefficient_grads, (d_beta, d_coeff, d_carry, d_surprise, d_eta_total)):
                 if buffer is not None:
                     buffer[:, :, chunks] = grad
+        if snapshot_is_weights:  # one input, two roles: its gradient is the sum
+            d_weights, d_snapshot = [add_optional(w, p) for w, p in zip(d_weights, d_snapshot)], []
         state_grads = (*d_snapshot, *d_weights, *(d_momentum or ()))
-        return (None, None, None, None, None, *sequence_grads, *coefficient_grads, *state_grads)
+        return (None,) * 6 + (*sequence_grads, *coefficient_grads, *state_grads)
 
 
 def _segments(coefficients: ChunkCoefficients, segment: int, chunk_size: int):

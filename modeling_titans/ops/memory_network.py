@@ -259,7 +259,8 @@ class MemoryMLP(nn.Module):
         """(d l / d h, e): the loss error e = M(k) - v and its gradient at the last layer's output h, back through
         `_output`."""
         if self.depth == 1:
-            return h - values, h - values
+            error = h - values
+            return error, error
         mean = h.mean(-1, keepdim=True)
         inv_std = torch.rsqrt((h - mean).pow(2).mean(-1, keepdim=True) + LAYER_NORM_EPS)
         normed = (h - mean) * inv_std

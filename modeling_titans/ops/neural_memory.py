@@ -69,11 +69,14 @@ def initial_state(initial_weights, batch_size: int, use_momentum: bool = True) -
     return MemoryState(weights=weights, snapshot=weights, momentum=momentum)
 
 
-def select_rows(condition: torch.Tensor, if_true: Weights, if_false: Weights) -> Weights:
-    """Per-row choice between two sets of weights; `condition` is (batch,) bool."""
+def select_rows(condition: torch.Tensor | bool, if_true: Weights, if_false: Weights) -> Weights:
+    """Per-row choice between two sets of weights; `condition` is (batch,) bool, or one bool for every row."""
+    if isinstance(condition, bool):
+        return if_true if condition else if_false
     # Nearly every decoding step no row closes a chunk. On CPU, reading `condition` is free and torch.where costs
-    # several elementwise ops on the weights; on an accelerator the read would stall the host, so it selects.
-    if condition.device.type == "cpu" and not bool(condition.any()):
+    # several elementwise ops on the weights; on an accelerator the read would stall the host, and under
+    # torch.compile it would break the graph, so there it selects.
+    if condition.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(condition.any()):
         return if_false
     mask = condition.view(-1, 1, 1, 1)
     return tuple(torch.where(mask, a, b) for a, b in zip(if_true, if_false))
