@@ -66,6 +66,12 @@ def _span_mask(length: int, start: int, end: int) -> torch.Tensor:
     return mask
 
 
+def per_head(gate: torch.Tensor | None) -> torch.Tensor | None:
+    """A gate of one token, (1, heads, 1), as (heads,); per-layer gates, (layers, 1, heads, 1), as one series per
+    weight matrix and head (layers * heads,)."""
+    return None if gate is None else gate.squeeze(-1).select(-2, 0).flatten()
+
+
 class _Recorder:
     """Forward hook of one memory layer: for each single-token call, the gates, the surprise and the norm."""
 
@@ -77,21 +83,21 @@ class _Recorder:
         x, tokens, state = args
         state = state if state is not None else module.initial_state(x.shape[0])
         _, new_state = output
-        log_retain, log_momentum, lr = module.gates(x)  # (1, heads, 1) each
+        log_retain, log_momentum, lr = (per_head(g) for g in module.gates(x))
         _, k, v, _ = module.project(x, tokens, state)
         tape = {}  # the raw gradient, before any normalisation of the inner step (`MemoryMLP.normalize_gradient`)
         module.network.gradient_factors(state.snapshot, k.float(), v.float(), tape)
         # Each layer's gradient is an outer product a^T g, whose Frobenius norm is |a| |g|.
         squared = sum((a.norm(dim=-1) * g.norm(dim=-1)).pow(2) for a, g in zip(tape["inputs"], tape["raw_errors"]))
         step = {
-            "inner_lr": lr[0, :, 0],
+            "inner_lr": lr,
             "surprise": squared.sqrt()[0, :, 0],
             "weight_norm": torch.stack([w[0].pow(2).sum(dim=(-2, -1)) for w in new_state.weights]).sum(0).sqrt(),
         }
         if module.momentum_gate is not None:
-            step["momentum"] = log_momentum.exp()[0, :, 0]
+            step["momentum"] = log_momentum.exp()
         if module.forget_gate is not None:
-            step["forget"] = -torch.expm1(log_retain)[0, :, 0]
+            step["forget"] = -torch.expm1(log_retain)
         self.steps.append({name: value.float().cpu() for name, value in step.items()})
 
     def series(self) -> dict[str, torch.Tensor]:

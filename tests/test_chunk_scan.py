@@ -2,8 +2,9 @@
 `tests/test_neural_memory.py` holds to the paper's per-token reference.
 
 Exact in float64 (1e-10 relative): reads, the end state (M, M_{t'}, S) and every gradient: q, k, v, the three
-gate inputs, M_0 and an incoming state (weights, snapshot, momentum), for depth 1-3, momentum on/off, forgetting
-on/off, partial last chunks, trailing padding and any spacing of the saved states; plus gradcheck on small shapes.
+gate inputs (shared or per layer), M_0 and an incoming state (weights, snapshot, momentum), for depth 1-3, momentum
+on/off, forgetting on/off, partial last chunks, trailing padding and any spacing of the saved states; plus gradcheck
+on small shapes.
 """
 
 import pytest
@@ -96,6 +97,23 @@ def test_normalized_gradient_where_only_some_tokens_are_scaled():
     norms = torch.linspace(0.5, 1.5, 21, dtype=torch.float64)
     p["k"] = p["k"] / p["k"].norm(dim=-1, keepdim=True) * norms[:, None]
     compare(m0, p, 4, normalize=True, scan_kw={"segment_chunks": 2})
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+@pytest.mark.parametrize("use_momentum", [True, False])
+@pytest.mark.parametrize("normalize", [False, True], ids=["plain", "normalized"])
+def test_per_layer_gates(depth, use_momentum, normalize):
+    """Gates with a leading axis over the weight matrices (each its own alpha, eta, theta): the gradients of every
+    layer's gates come back on their own slice of that axis; a partial last chunk, replayed segments."""
+    m0, p = make_problem(depth, 19, seed=depth + 40, per_layer=True)
+    compare(m0, p, 4, use_momentum=use_momentum, normalize=normalize, scan_kw={"segment_chunks": 2})
+
+
+def test_per_layer_gates_with_trailing_padding():
+    lengths, total = [13, 6, 0], 13
+    m0, p = make_problem(2, total, seed=41, batch=len(lengths), per_layer=True)
+    write_mask = torch.arange(total) < torch.tensor(lengths)[:, None]
+    compare(m0, p, 4, write_mask=write_mask, forgetting=True, scan_kw={"segment_chunks": 2})
 
 
 @pytest.mark.parametrize("segment_chunks", [1, 2, 3, 100])

@@ -64,6 +64,7 @@ ABLATIONS = [
     {"num_persistent_tokens": 0},
     {"memory_depth": 1},
     {"memory_gates_from_input": False},
+    {"memory_per_layer_gates": True},
 ]
 
 
@@ -91,6 +92,30 @@ def test_ablation_switch_builds_a_working_model_that_computes_something_else(var
     # fp32 rounding differs by ~1e-7; at initialisation the memory moves slowly (theta ~ 0.002), hence 1e-4.
     assert (ablated_logits - full_logits(default, input_ids)).abs().max() > 1e-4
     # Training through the ablated model is covered by test_outer_gradients_reach_every_parameter.
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_per_layer_gates_keep_the_cache_and_padding_exact(variant):
+    """`memory_per_layer_gates`: every weight matrix of the deep memory gets its own alpha, eta and theta (one
+    logit per matrix and head). Prefill + decode still equals the full forward, and a left-padded row equals
+    its prompt alone."""
+    model = tiny_model(variant, memory_per_layer_gates=True)
+    config = model.config
+    with torch.no_grad():  # gates that differ between the weight matrices and depend on the token
+        for layer in model.model.layers:
+            memory = layer.mixer.memory
+            assert memory.lr_gate.out_features == config.memory_depth * config.memory_num_heads
+            for gate in (memory.forget_gate, memory.momentum_gate, memory.lr_gate):
+                gate.weight.normal_(0.0, 0.3)
+    input_ids = random_ids(2, 3 * SEQ_LEN // 2)
+    full = full_logits(model, input_ids)
+    torch.testing.assert_close(prefill_then_decode(model, input_ids, SEQ_LEN // 2 + 1), full, rtol=0, atol=1e-4)
+    short = input_ids[1, 5:]
+    padded = torch.cat([torch.full((5,), config.pad_token_id), short])[None]
+    mask = (torch.arange(padded.shape[1]) >= 5).long()[None]
+    torch.testing.assert_close(
+        full_logits(model, padded, mask)[0, 5:], full_logits(model, short[None])[0], rtol=0, atol=1e-4
+    )
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -64,10 +64,11 @@ def layer_shapes(depth, d=D_HEAD, expansion=EXPANSION):
     return list(zip(dims[:-1], dims[1:]))
 
 
-def make_problem(depth, length, seed=0, batch=BATCH, heads=HEADS, d=D_HEAD, dtype=torch.float64):
+def make_problem(depth, length, seed=0, batch=BATCH, heads=HEADS, d=D_HEAD, dtype=torch.float64, per_layer=False):
     """Random M_0 (heads, d_in, d_out) per layer (He scale, so the LayerNorm input is not tiny), q and k of norm
     1.5 (l2-normalised as the layer does, then scaled), values that a nearby memory fits up to noise (so the inner loop
-    learns rather than drifts), and gates as raw logits."""
+    learns rather than drifts), and gates as raw logits, (batch, heads, T), or with `per_layer` (depth, batch,
+    heads, T): each weight matrix its own gates."""
     g = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
@@ -76,14 +77,15 @@ def make_problem(depth, length, seed=0, batch=BATCH, heads=HEADS, d=D_HEAD, dtyp
     m0 = [randn(heads, i, o) * (2 / i) ** 0.5 for i, o in layer_shapes(depth, d)]
     target = [w + 0.5 * randn(*w.shape) / w.shape[-2] ** 0.5 for w in m0]
     seq = (batch, heads, length)
+    gate_shape = (depth, *seq) if per_layer else seq
     q, k = (1.5 * F.normalize(randn(*seq, d), dim=-1) for _ in range(2))
     p = dict(
         q=q,
         k=k,
         v=ref_read([w.unsqueeze(0) for w in target], k) + 0.1 * randn(*seq, d),
-        alpha_logit=randn(*seq) - 3.5,  # alpha ~ 0.03
-        eta_logit=randn(*seq) + 1.0,  # eta ~ 0.7
-        theta_logit=randn(*seq) - 2.5,  # theta ~ 0.08
+        alpha_logit=randn(*gate_shape) - 3.5,  # alpha ~ 0.03
+        eta_logit=randn(*gate_shape) + 1.0,  # eta ~ 0.7
+        theta_logit=randn(*gate_shape) - 2.5,  # theta ~ 0.08
     )
     return [w.to(dtype) for w in m0], {name: x.to(dtype) for name, x in p.items()}
 
@@ -193,6 +195,22 @@ def test_normalized_gradient_matches_paper_reference(depth, chunk_size, length):
     assert_differ(normalized, plain)
 
 
+@pytest.mark.parametrize("depth", [2, 3])
+@pytest.mark.parametrize("use_momentum", [True, False])
+@pytest.mark.parametrize("chunk_size, length", [(1, 11), (4, 13), (16, 37)])
+def test_per_layer_gates_match_paper_reference(depth, use_momentum, chunk_size, length):
+    """Per-layer gates (gates with a leading axis over the weight matrices): weight matrix l follows Eqs. 13-14 with
+    its own alpha, eta, theta in the reference; the chunked closed form equals it in fp64. Using every layer's
+    gates for all of them instead gives other reads, so the comparison can fail."""
+    m0, p = make_problem(depth, length, seed=depth * 31 + chunk_size + length, per_layer=True)
+    alpha, eta, theta = gates(p)
+    eta = eta if use_momentum else None
+    reads, _ = check_against_reference(m0, p, alpha, eta, theta, chunk_size, torch.float64)
+    for layer in range(depth):
+        shared, _ = run_scan(m0, p, alpha[layer], None if eta is None else eta[layer], theta[layer], chunk_size)
+        assert_differ(reads, shared)
+
+
 @pytest.mark.parametrize("depth", [1, 2])
 def test_chunking_matters(depth):
     """The chunk comparisons above can fail: gradients at M_{t'} (Sec. 3.2) give other reads than at M_{t-1}, and
@@ -275,13 +293,13 @@ def assert_same_state(a, b, tol):
 
 
 @pytest.mark.parametrize("use_momentum", [True, False])
-@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("depth, per_layer", [(1, False), (2, False), (2, True), (3, True)])
 @pytest.mark.parametrize("chunk_size", [1, 4, 5])
-def test_step_matches_scan(chunk_size, depth, use_momentum):
-    """Decoding one token at a time (chunk start frozen until the chunk fills, paper.md Sec. 2.6) gives the
-    reads and final state of one scan; 13 tokens is not a multiple of 4 or 5."""
+def test_step_matches_scan(chunk_size, depth, per_layer, use_momentum):
+    """Decoding one token at a time (the chunk start frozen until the chunk fills) gives the reads and final
+    state of one scan, with shared and per-layer gates; 13 tokens is not a multiple of 4 or 5."""
     length = 13
-    m0, p = make_problem(depth, length, seed=11)
+    m0, p = make_problem(depth, length, seed=11, per_layer=per_layer)
     alpha, eta, theta = gates(p)
     eta = eta if use_momentum else None
     scan_reads, scan_state = run_scan(m0, p, alpha, eta, theta, chunk_size)
@@ -409,15 +427,18 @@ def test_padding_does_not_close_chunk_against_reference():
 
 
 @pytest.mark.parametrize("use_momentum", [True, False])
-@pytest.mark.parametrize("depth, chunk_size, padded", [(1, 2, False), (2, 3, False), (2, 2, False), (2, 2, True)])
+@pytest.mark.parametrize(
+    "depth, chunk_size, padded, per_layer",
+    [(1, 2, False, False), (2, 3, False, False), (2, 2, False, False), (2, 2, True, False), (2, 2, True, True)],
+)
 @pytest.mark.parametrize("normalize", [False, True], ids=["plain", "normalized"])
-def test_gradcheck_scan(depth, chunk_size, padded, use_momentum, normalize):
-    """gradcheck (fp64) of reads and final state w.r.t. q, k, v, the raw gate logits and M_0 (shared by
-    the batch), through second-order terms of the inner gradient; 5 tokens, the last chunk partial; `padded`: the
-    second row has 3 real tokens (write_mask)."""
+def test_gradcheck_scan(depth, chunk_size, padded, per_layer, use_momentum, normalize):
+    """gradcheck (fp64) of reads and final state w.r.t. q, k, v, the raw gate logits (shared or per layer) and M_0
+    (shared by the batch), through second-order terms of the inner gradient; 5 tokens, the last chunk partial;
+    `padded`: the second row has 3 real tokens (write_mask)."""
     batch, heads, d, length = 2, 1, 3, 5
     write_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]).bool() if padded else None
-    m0, p = make_problem(depth, length, seed=17, batch=batch, heads=heads, d=d)
+    m0, p = make_problem(depth, length, seed=17, batch=batch, heads=heads, d=d, per_layer=per_layer)
     names = ["q", "k", "v", "alpha_logit", "eta_logit", "theta_logit"]
     inputs = [p[n].clone().requires_grad_() for n in names] + [w.clone().requires_grad_() for w in m0]
 

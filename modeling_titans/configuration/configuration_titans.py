@@ -65,6 +65,8 @@ class TitansConfig(PreTrainedConfig):
       theta / theta_max; they set the gate biases.
     - `memory_gates_from_input` (default True): alpha_t, eta_t and theta_t are computed from each token; False
       makes each a learned constant per memory head (the data-independent gates of the paper's ablations).
+    - `memory_per_layer_gates` (default False): each weight matrix of a deep memory gets its own alpha_t, eta_t and
+      theta_t (the NeurIPS version of the paper); False shares one set by all of them.
     - Ablations of the paper's Table 5: `use_momentum`, `use_forgetting`, `use_conv`,
       `num_persistent_tokens=0`, `memory_depth=1`.
     - `gate_activation`: the non-linearity of the MAG / MAC output gate (a name in ACT2FN).
@@ -110,6 +112,7 @@ class TitansConfig(PreTrainedConfig):
     memory_lr_relative: bool = True
     memory_normalize_grad: bool = True
     memory_gates_from_input: bool = True
+    memory_per_layer_gates: bool = False
     use_momentum: bool = True
     use_forgetting: bool = True
     use_conv: bool = True

@@ -25,6 +25,7 @@ MEMORY_FIELDS = (
     "memory_lr_relative",
     "memory_normalize_grad",
     "memory_gates_from_input",
+    "memory_per_layer_gates",
     "use_momentum",
     "use_forgetting",
     "use_conv",

@@ -1,7 +1,8 @@
 """The neural long-term memory as a layer: projections, convolution and gates around the op (paper Sec. 3.1, 4.4).
 
     q, k, v = SiLU(causal depthwise conv(Linear(x))), q and k l2-normalised per head
-    alpha_t, eta_t, theta_t: per-token, per-head gates from x (forget, momentum, inner learning rate)
+    alpha_t, eta_t, theta_t: per-token, per-head gates from x (forget, momentum, inner learning rate); with
+        `memory_per_layer_gates`, one set per weight matrix of the memory network
     (the inner gradient is normalised by its curvature with `memory_normalize_grad`, `ops.memory_network`)
     y_t = M_t*(q_t) after writing (k_t, v_t)                        (`ops.chunk_scan`, `ops.neural_memory`)
     o = W_O(RMSNorm(y) * SiLU(W_G x))
@@ -37,14 +38,15 @@ MEMORY_GATES = ("forget_gate", "momentum_gate", "lr_gate")
 
 
 class TitansGate(nn.Linear):
-    """Linear map to one gate logit per memory head; `bias_init` is the gate's initial value.
+    """Linear map to one gate logit per memory head (and weight matrix, for per-layer gates); `bias_init` is the
+    gate's initial value.
 
     The logits are computed in fp32 whatever the dtype of the input and of the weights (fp64 for fp64 inputs):
     the gates decide how much every token moves the memory, which runs in fp32 too. An adapter (PEFT's LoRA)
     wraps this forward like that of any linear layer, and merging it changes `weight` alone."""
 
-    def __init__(self, hidden_size: int, num_heads: int, initial_value: float):
-        super().__init__(hidden_size, num_heads)
+    def __init__(self, hidden_size: int, num_gates: int, initial_value: float):
+        super().__init__(hidden_size, num_gates)
         self.bias_init = math.log(initial_value / (1 - initial_value))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -54,15 +56,15 @@ class TitansGate(nn.Linear):
 
 class ConstantGate(nn.Module):
     """A data-independent gate (`memory_gates_from_input=False`, the paper's ablation of input-dependent gates): one
-    learned logit per memory head, the same for every token; `bias_init` is its initial value."""
+    learned logit per memory head (and weight matrix), the same for every token; `bias_init` is its initial value."""
 
-    def __init__(self, num_heads: int, initial_value: float):
+    def __init__(self, num_gates: int, initial_value: float):
         super().__init__()
-        self.bias = nn.Parameter(torch.empty(num_heads))
+        self.bias = nn.Parameter(torch.empty(num_gates))
         self.bias_init = math.log(initial_value / (1 - initial_value))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(batch, T, hidden) -> (batch, T, heads) logits in the memory's compute dtype."""
+        """(batch, T, hidden) -> (batch, T, gates) logits in the memory's compute dtype."""
         return self.bias.to(compute_dtype(x.dtype)).expand(*x.shape[:-1], -1)
 
 
@@ -98,6 +100,8 @@ class TitansNeuralMemory(nn.Module):
         self.num_heads = config.memory_num_heads
         self.head_dim = config.memory_head_dim
         self.chunk_size = config.memory_chunk_size
+        # Gates per head: one set shared by the memory network's weight matrices, or one per matrix.
+        self.gate_layers = config.memory_depth if config.memory_per_layer_gates else 1
         hidden = config.hidden_size
         self.mem_q_proj = MemoryProjection(hidden, hidden, bias=False)
         self.mem_k_proj = MemoryProjection(hidden, hidden, bias=False)
@@ -116,10 +120,11 @@ class TitansNeuralMemory(nn.Module):
         self.mem_o_proj = nn.Linear(hidden, hidden, bias=False)
 
     def gate(self, initial_value: float) -> nn.Module:
-        """One of the memory's gates: a logit per head from each token (default) or a constant per head."""
+        """One of the memory's gates: a logit per head (and weight matrix) from each token (default) or a constant."""
+        num_gates = self.gate_layers * self.num_heads
         if self.config.memory_gates_from_input:
-            return TitansGate(self.config.hidden_size, self.num_heads, initial_value)
-        return ConstantGate(self.num_heads, initial_value)
+            return TitansGate(self.config.hidden_size, num_gates, initial_value)
+        return ConstantGate(num_gates, initial_value)
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, T, hidden) -> (batch, heads, T, head_dim)."""
@@ -151,20 +156,21 @@ class TitansNeuralMemory(nn.Module):
         return out, new_tail
 
     def gates(self, x: torch.Tensor):
-        """log(1 - alpha_t), log(eta_t) (None without momentum) and theta_t, each (batch, heads, T), in fp32.
+        """log(1 - alpha_t), log(eta_t) (None without momentum) and theta_t, each (batch, heads, T), in fp32; with
+        per-layer gates (layers, batch, heads, T), the op's layout for them (`ops.neural_memory`).
 
         theta_t = theta_max sigmoid(.), divided by the chunk's gain chunk_size / (1 - eta_t) when
         `memory_lr_relative`: theta_max is then in units of the chunked inner loop's stability bound, whatever the
         momentum and the chunk size (`docs/design.md`, "The inner step")."""
         x = x.to(compute_dtype(x.dtype))  # an adapter on a gate sees the fp32 input too
 
-        def logits(gate):  # (batch, heads, T)
-            return gate(x).transpose(1, 2)
+        def logits(gate):  # (batch, heads, T) or (layers, batch, heads, T)
+            per_token = gate(x).unflatten(-1, (self.gate_layers, self.num_heads)).permute(2, 0, 3, 1)
+            return per_token if self.gate_layers > 1 else per_token[0]
 
-        zeros = x.new_zeros(x.shape[0], self.num_heads, x.shape[1])
-        log_retain = zeros if self.forget_gate is None else F.logsigmoid(-logits(self.forget_gate))
-        log_momentum = None if self.momentum_gate is None else F.logsigmoid(logits(self.momentum_gate))
         lr = self.config.memory_lr_max * torch.sigmoid(logits(self.lr_gate))
+        log_retain = torch.zeros_like(lr) if self.forget_gate is None else F.logsigmoid(-logits(self.forget_gate))
+        log_momentum = None if self.momentum_gate is None else F.logsigmoid(logits(self.momentum_gate))
         if self.config.memory_lr_relative:
             gain = self.chunk_size if log_momentum is None else self.chunk_size / -torch.expm1(log_momentum)
             lr = lr / gain

@@ -45,6 +45,7 @@ from .neural_memory import (
     chunk_coefficients,
     chunk_end_state,
     compute_dtype,
+    gates_per_layer,
     mask_gates,
 )
 
@@ -83,11 +84,13 @@ def checkpointed_memory_scan(
         mask = F.pad(torch.ones_like(queries[:, 0, :length, 0]) if mask is None else mask, (0, pad))
     mask = None if mask is None else mask.unsqueeze(1)  # (batch, 1, T) against the gates' (batch, heads, T)
     log_retain, log_momentum, lr = mask_gates(log_retain, log_momentum, lr, mask)
+    per_layer = gates_per_layer(queries, lr)
 
-    def as_chunks(x):  # (batch, heads, T) -> (batch, heads, chunks, c)
+    def as_chunks(x):  # ([layers,] batch, heads, T) -> ([layers,] batch, heads, chunks, c)
         return None if x is None else x.unflatten(-1, (-1, chunk_size))
 
-    coefficients = chunk_coefficients(*(as_chunks(x) for x in (log_retain, log_momentum, lr, mask)))
+    gates = (log_retain, log_momentum, lr, mask)
+    coefficients = chunk_coefficients(*(as_chunks(x) for x in gates), per_layer=per_layer)
     num_chunks = queries.shape[-2] // chunk_size
     # Which chunks end on a real token and so close (their end weights become the next gradient point M_{t'}):
     # without padding every one, with padding per row (a (batch,) bool tensor, read by torch.where: no host sync).
@@ -103,7 +106,7 @@ def checkpointed_memory_scan(
     snapshot_is_weights = all(p is w for p, w in zip(state.snapshot, state.weights))
     snapshot = () if snapshot_is_weights else state.snapshot
     outputs = _CheckpointedScan.apply(
-        network, chunk_size, closes, segment, depth, snapshot_is_weights,
+        network, chunk_size, closes, segment, depth, snapshot_is_weights, per_layer,
         queries, keys, values, *coefficients.tensors(), *snapshot, *state.weights, *momentum,
     )
     reads = outputs[0][..., :length, :]
@@ -144,7 +147,7 @@ class _Segment:
 
     def __init__(self, network, chunk_size, closes, first, state, queries, keys, values, coefficients, keep_tapes):
         snapshot, weights, momentum = state
-        chunk_coefficients = coefficients.unbind(2)
+        chunk_coefficients = coefficients.unbind(-3)
         self.starts, self.factor_tapes = [], []
         inputs, errors = [], []
         parts = zip(keys.split(chunk_size, dim=-2), values.split(chunk_size, dim=-2), chunk_coefficients)
@@ -173,17 +176,19 @@ class _Segment:
 
 class _CheckpointedScan(torch.autograd.Function):
     """Inputs: q, k, v (batch, heads, N c, d) of whole chunks, the five `ChunkCoefficients` fields batched over
-    chunks (dim 2; carry, surprise and eta_total None without momentum), then the incoming state's snapshot
+    chunks (dim -3; carry, surprise and eta_total None without momentum; a leading layer axis with
+    `per_layer`), then the incoming state's snapshot
     (absent when `snapshot_is_weights`), weights and momentum (one tensor per memory layer; no momentum tensors
     without momentum).
     Outputs: reads (batch, heads, N c, d), then the end state's weights, snapshot and momentum."""
 
     @staticmethod
-    def forward(ctx, network, chunk_size, closes, segment, depth, snapshot_is_weights, queries, keys, values, *tensors):
+    def forward(ctx, network, chunk_size, closes, segment, depth, snapshot_is_weights, per_layer, queries, keys,
+                values, *tensors):
         coefficient_tensors, states = tensors[:5], tensors[5:]
         if snapshot_is_weights:
             states = (*states[:depth], *states)
-        coefficients = ChunkCoefficients(*coefficient_tensors)
+        coefficients = ChunkCoefficients(*coefficient_tensors, per_layer=per_layer)
         state = (states[:depth], states[depth : 2 * depth], states[2 * depth :] or None)
         reads, saved = [], []
         for first, tokens, segment_coefficients in _segments(coefficients, segment, chunk_size):
@@ -198,7 +203,7 @@ class _CheckpointedScan(torch.autograd.Function):
         # The snapshot may be the end weights or an input (when no chunk closes); an output of its own must be
         # a tensor of its own.
         snapshot = tuple(p.clone() for p in snapshot)
-        ctx.layout = (network, chunk_size, closes, segment, depth, momentum is not None, snapshot_is_weights)
+        ctx.layout = (network, chunk_size, closes, segment, depth, momentum is not None, snapshot_is_weights, per_layer)
         flat_saved = [t for s in saved for part in s if part is not None for t in part]
         ctx.save_for_backward(queries, keys, values, *(t for t in coefficient_tensors if t is not None), *flat_saved)
         ctx.has_coefficient = [t is not None for t in coefficient_tensors]
@@ -208,7 +213,7 @@ class _CheckpointedScan(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, d_reads, *d_state):
-        network, chunk_size, closes, segment, depth, has_momentum, snapshot_is_weights = ctx.layout
+        network, chunk_size, closes, segment, depth, has_momentum, snapshot_is_weights, per_layer = ctx.layout
         saved = list(ctx.saved_tensors)
         queries, keys, values = saved[:3]
         coefficient_tensors = [saved.pop(3) if present else None for present in ctx.has_coefficient]
@@ -222,7 +227,7 @@ class _CheckpointedScan(torch.autograd.Function):
         d_momentum = list(d_state[2 * depth :]) or None
         sequence_grads = [torch.empty_like(x) for x in (queries, keys, values)]
         coefficient_grads = [None if t is None else torch.empty_like(t) for t in coefficient_tensors]
-        segments = list(_segments(ChunkCoefficients(*coefficient_tensors), segment, chunk_size))
+        segments = list(_segments(ChunkCoefficients(*coefficient_tensors, per_layer=per_layer), segment, chunk_size))
         for (first, tokens, coefficients), saved_state in reversed(list(zip(segments, checkpoints))):
             state = (saved_state[:depth], saved_state[depth : 2 * depth], saved_state[2 * depth :] or None)
             run = _Segment(
@@ -237,13 +242,13 @@ class _CheckpointedScan(torch.autograd.Function):
             d_eta_total = None if coefficients.eta_total is None else torch.zeros_like(coefficients.eta_total)
             d_keys, d_values = [], []
             keys_parts = keys[..., tokens, :].split(chunk_size, dim=-2)
-            chunk_coefficients = coefficients.unbind(2)
+            chunk_coefficients = coefficients.unbind(-3)
             for j in reversed(range(len(run.starts))):
                 snapshot, weights, momentum = run.starts[j]
                 d_weights, d_snapshot = _after_chunk_backward(closes[first + j], d_weights, d_snapshot)
                 read_grads = [
-                    None if per_layer is None else [r[:, :, j] for r in per_layer]
-                    for per_layer in (read_weights, read_momentum, read_inputs, read_errors)
+                    None if layers is None else [r[:, :, j] for r in layers]
+                    for layers in (read_weights, read_momentum, read_inputs, read_errors)
                 ]
                 grads = _end_state_backward(
                     weights, momentum, run.factor_tapes[j], chunk_coefficients[j], d_weights, d_momentum, read_grads
@@ -256,38 +261,38 @@ class _CheckpointedScan(torch.autograd.Function):
                 d_keys.append(d_k)
                 d_values.append(d_v)
                 d_beta_end, d_last_coeff, d_carry_end, d_surprise_j, d_eta_total_j = end_coefficient_grads
-                d_beta[:, :, j, -1:] += d_beta_end
-                d_coeff[:, :, j, -1:] += d_last_coeff
+                d_beta[..., j, -1:, :] += d_beta_end
+                d_coeff[..., j, -1:, :] += d_last_coeff
                 if momentum is not None:
-                    d_carry[:, :, j, -1:] += d_carry_end
-                    d_surprise[:, :, j] = d_surprise_j
-                    d_eta_total[:, :, j] = d_eta_total_j
+                    d_carry[..., j, -1:, :] += d_carry_end
+                    d_surprise[..., j, :, :] = d_surprise_j
+                    d_eta_total[..., j, :, :] = d_eta_total_j
             sequence_grads[0][..., tokens, :] = d_queries.flatten(2, 3)
             sequence_grads[1][..., tokens, :] = torch.cat(d_keys[::-1], dim=-2)
             sequence_grads[2][..., tokens, :] = torch.cat(d_values[::-1], dim=-2)
             chunks = slice(first, first + len(run.starts))
             for buffer, grad in zip(coefficient_grads, (d_beta, d_coeff, d_carry, d_surprise, d_eta_total)):
                 if buffer is not None:
-                    buffer[:, :, chunks] = grad
+                    buffer[..., chunks, :, :] = grad
         if snapshot_is_weights:  # one input, two roles: its gradient is the sum
             d_weights, d_snapshot = [add_optional(w, p) for w, p in zip(d_weights, d_snapshot)], []
         state_grads = (*d_snapshot, *d_weights, *(d_momentum or ()))
-        return (None,) * 6 + (*sequence_grads, *coefficient_grads, *state_grads)
+        return (None,) * 7 + (*sequence_grads, *coefficient_grads, *state_grads)
 
 
 def _segments(coefficients: ChunkCoefficients, segment: int, chunk_size: int):
     """(first chunk, token slice, the segment's coefficients) of each segment of `segment` chunks, in order."""
-    num_chunks = coefficients.beta.shape[2]
+    num_chunks = coefficients.beta.shape[-3]
     for first in range(0, num_chunks, segment):
         chunks = slice(first, min(first + segment, num_chunks))
-        part = ChunkCoefficients(*(None if f is None else f[:, :, chunks] for f in coefficients.tensors()))
+        part = coefficients.map(lambda f: f[..., chunks, :, :])
         yield first, slice(chunks.start * chunk_size, chunks.stop * chunk_size), part
 
 
 def _end_state_backward(weights, momentum, tape, coefficients, d_new_weights, d_new_momentum, read_grads):
     """Backward of `chunk_end_state`, added to the chunk's gradients from its reads, `read_grads` = (dW, dS, da, dg)
     per layer (dS None without momentum). With per-(row, head) scalars beta_e = beta_c, A_e = A_c, E = E_c and
-    per-token columns c_e = C_{c,:}, sigma = theta_i E_c / E_i:
+    per-token columns c_e = C_{c,:}, sigma = theta_i E_c / E_i (each layer its own with per-layer gates):
         W' = beta_e W + A_e S - a^T (c_e g),   S' = E S - a^T (sigma g)
     so for gradients dW', dS':  dW = beta_e dW',  dS = A_e dW' + E dS',  d beta_e = <W, dW'>,  d A_e = <S, dW'>,
     dE = <S, dS'>,  da = -(c_e g) dW'^T - (sigma g) dS'^T,  dg = -c_e (a dW') - sigma (a dS'),
@@ -299,32 +304,34 @@ def _end_state_backward(weights, momentum, tape, coefficients, d_new_weights, d_
     """
     inputs, errors = tape["inputs"], tape["errors"]
     d_weights, d_momentum, d_inputs, d_errors = (None if x is None else list(x) for x in read_grads)
-    d_beta_end = d_last_coeff = d_carry_end = d_surprise = d_eta_total = 0
-    beta_end = coefficients.beta[..., -1:, :]
-    last_coeff = coefficients.coeff[..., -1, :].unsqueeze(-1)
+    depth = len(inputs)
+    d_beta_end, d_last_coeff, d_carry_end, d_surprise, d_eta_total = ([0] * depth for _ in range(5))
     for layer, (a, g) in enumerate(zip(inputs, errors)):
+        own = coefficients.layer(layer)
+        last_coeff = own.coeff[..., -1, :].unsqueeze(-1)
         d_new_w = d_new_weights[layer]
         if d_new_w is not None:
-            d_weights[layer] = torch.addcmul(d_weights[layer], beta_end, d_new_w)
-            d_beta_end = d_beta_end + _inner(weights[layer], d_new_w)
+            d_weights[layer] = torch.addcmul(d_weights[layer], own.beta[..., -1:, :], d_new_w)
+            d_beta_end[layer] = _inner(weights[layer], d_new_w)
             pulled = a @ d_new_w  # a dW'
             d_errors[layer] = torch.addcmul(d_errors[layer], last_coeff, pulled, value=-1)
-            d_last_coeff = d_last_coeff - (g * pulled).sum(-1).unsqueeze(-2)
+            d_last_coeff[layer] = -(g * pulled).sum(-1).unsqueeze(-2)
             d_inputs[layer] = add_matmul(d_inputs[layer], last_coeff * g, d_new_w.transpose(-1, -2), alpha=-1)
             if momentum is not None:
-                d_momentum[layer] = torch.addcmul(d_momentum[layer], coefficients.carry[..., -1:, :], d_new_w)
-                d_carry_end = d_carry_end + _inner(momentum[layer], d_new_w)
+                d_momentum[layer] = torch.addcmul(d_momentum[layer], own.carry[..., -1:, :], d_new_w)
+                d_carry_end[layer] = _inner(momentum[layer], d_new_w)
         d_new_s = None if d_new_momentum is None else d_new_momentum[layer]
         if d_new_s is not None:
-            d_momentum[layer] = torch.addcmul(d_momentum[layer], coefficients.eta_total, d_new_s)
-            d_eta_total = d_eta_total + _inner(momentum[layer], d_new_s)
+            d_momentum[layer] = torch.addcmul(d_momentum[layer], own.eta_total, d_new_s)
+            d_eta_total[layer] = _inner(momentum[layer], d_new_s)
             pulled = a @ d_new_s  # a dS'
-            d_errors[layer] = torch.addcmul(d_errors[layer], coefficients.surprise, pulled, value=-1)
-            d_surprise = d_surprise - (g * pulled).sum(-1, keepdim=True)
-            d_inputs[layer] = add_matmul(
-                d_inputs[layer], coefficients.surprise * g, d_new_s.transpose(-1, -2), alpha=-1
-            )
-    return d_weights, d_momentum, d_inputs, d_errors, (d_beta_end, d_last_coeff, d_carry_end, d_surprise, d_eta_total)
+            d_errors[layer] = torch.addcmul(d_errors[layer], own.surprise, pulled, value=-1)
+            d_surprise[layer] = -(g * pulled).sum(-1, keepdim=True)
+            d_inputs[layer] = add_matmul(d_inputs[layer], own.surprise * g, d_new_s.transpose(-1, -2), alpha=-1)
+    first = coefficients.layer(0)  # the shapes of one layer's gradients: a scalar, a row or a column per chunk
+    scalar, row, column = first.beta[..., -1:, :], first.coeff[..., -1:, :], first.beta
+    grads = zip((d_beta_end, d_last_coeff, d_carry_end, d_surprise, d_eta_total), (scalar, row, scalar, column, scalar))
+    return d_weights, d_momentum, d_inputs, d_errors, tuple(coefficients.combine(g, like) for g, like in grads)
 
 
 def _inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

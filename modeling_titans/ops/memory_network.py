@@ -148,13 +148,14 @@ class MemoryMLP(nn.Module):
 
         applied to the read path's activation h_t, so h_t W_t needs h_t W_0, h_t S_0 and the scores h_t a_i^T
         against the chunk's gradient factors (a, g) from `gradient_factors` at the chunk start.
-        `coefficients` (a `ChunkCoefficients`) holds beta, A and C; `tape` (a dict) receives what
-        `chunk_read_backward` needs.
+        `coefficients` (a `ChunkCoefficients`) holds beta, A and C (each layer its own with per-layer gates);
+        `tape` (a dict) receives what `chunk_read_backward` needs.
         """
-        beta, coeff, carry = coefficients.beta, coefficients.coeff, coefficients.carry
         h = queries
         layer_inputs, from_weights, from_momentum, scores, pre_activations = [], [], [], [], []
         for layer, (w, a, g) in enumerate(zip(weights, inputs, errors)):
+            own = coefficients.layer(layer)
+            beta, coeff, carry = own.beta, own.coeff, own.carry
             layer_inputs.append(h)
             from_weights.append(h @ w)
             scores.append(h @ a.transpose(-1, -2))
@@ -217,29 +218,31 @@ class MemoryMLP(nn.Module):
             d beta += rowsum(dz * r),  d A += rowsum(dz * m),  dW = h^T (beta dz),  dS = h^T (A dz),
             d(C * s) = -dz g^T:  dC += d(C * s) * s,  ds = d(C * s) * C,  dg = -(C * s)^T dz,
             dh = (beta dz) W^T + (A dz) S^T + ds a,  da = ds^T h,
-        and dz of the layer below is dh * gelu'(z). Returns (d_weights, d_momentum, d_inputs, d_errors,
+        and dz of the layer below is dh * gelu'(z). With per-layer gates each layer has its own beta, A, C and
+        their gradients come back stacked on the layer axis. Returns (d_weights, d_momentum, d_inputs, d_errors,
         d_queries, d_beta, d_coeff, d_carry); d_momentum and d_carry are None without momentum.
         """
-        beta, coeff, carry = coefficients.beta, coefficients.coeff, coefficients.carry
         pre = tape["read_pre_activations"]
         d_z = d_reads if self.depth == 1 else _layer_norm_backward(pre[-1], d_reads)
         depth = len(weights)
         d_weights, d_momentum, d_inputs, d_errors = [None] * depth, [None] * depth, [None] * depth, [None] * depth
-        d_beta = d_coeff = d_carry = 0
+        d_beta, d_coeff, d_carry = [0] * depth, [0] * depth, [0] * depth
         for layer in range(depth - 1, -1, -1):
+            own = coefficients.layer(layer)
+            beta, coeff, carry = own.beta, own.coeff, own.carry
             h, a, g = tape["read_inputs"][layer], tape["inputs"][layer], tape["errors"][layer]
             scores = tape["scores"][layer]
-            d_beta = d_beta + (d_z * tape["from_weights"][layer]).sum(-1, keepdim=True)
+            d_beta[layer] = (d_z * tape["from_weights"][layer]).sum(-1, keepdim=True)
             d_from_weights = beta * d_z
             d_weights[layer] = h.transpose(-1, -2) @ d_from_weights
             d_h = d_from_weights @ weights[layer].transpose(-1, -2)
             if carry is not None:
-                d_carry = d_carry + (d_z * tape["from_momentum"][layer]).sum(-1, keepdim=True)
+                d_carry[layer] = (d_z * tape["from_momentum"][layer]).sum(-1, keepdim=True)
                 d_from_momentum = carry * d_z
                 d_momentum[layer] = h.transpose(-1, -2) @ d_from_momentum
                 d_h = d_h + d_from_momentum @ momentum[layer].transpose(-1, -2)
             d_weighted = -(d_z @ g.transpose(-1, -2))
-            d_coeff = d_coeff + d_weighted * scores
+            d_coeff[layer] = d_weighted * scores
             d_scores = d_weighted * coeff
             d_errors[layer] = -((coeff * scores).transpose(-1, -2) @ d_z)
             d_h = d_h + d_scores @ a
@@ -247,8 +250,10 @@ class MemoryMLP(nn.Module):
             if layer > 0:
                 d_z = d_h * gelu_derivative(pre[layer - 1])
         d_queries = d_h if self.depth == 1 else d_h + d_reads
-        if carry is None:
-            d_momentum = d_carry = None
+        d_beta, d_coeff = coefficients.combine(d_beta, None), coefficients.combine(d_coeff, None)
+        if coefficients.carry is None:
+            return d_weights, None, d_inputs, d_errors, d_queries, d_beta, d_coeff, None
+        d_carry = coefficients.combine(d_carry, None)
         return d_weights, d_momentum, d_inputs, d_errors, d_queries, d_beta, d_coeff, d_carry
 
     def _output(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:

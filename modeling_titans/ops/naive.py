@@ -39,7 +39,8 @@ def naive_neural_memory(network: MemoryMLP, initial_weights, q, k, v, alpha, eta
     """Eqs. 12-15 token by token, gradients at M_{t'} (Sec. 3.2).
 
     initial_weights: per layer (batch, heads, d_in, d_out); q, k, v: (batch, heads, T, d); alpha, eta, theta:
-    (batch, heads, T) (eta = 0 switches momentum off, alpha = 0 forgetting).
+    (batch, heads, T) (eta = 0 switches momentum off, alpha = 0 forgetting), or (layers, batch, heads, T) for
+    per-layer gates: weight matrix l then follows Eqs. 13-14 with alpha[l], eta[l], theta[l].
     Returns the reads, the final weights M_T, the snapshot M_{t'} (weights at the start of the current chunk)
     and the momentum S_T.
     """
@@ -51,8 +52,12 @@ def naive_neural_memory(network: MemoryMLP, initial_weights, q, k, v, alpha, eta
         at = slice(t, t + 1)  # keep a token axis of one: (batch, heads, 1, d)
         grads = naive_token_gradient(network, snapshot, k[..., at, :], v[..., at, :])
         a, e, th = (gate[..., t, None, None] for gate in (alpha, eta, theta))
-        momentum = [e * s - th * g for s, g in zip(momentum, grads)]  # Eq. 14
-        weights = [(1 - a) * w + s for w, s in zip(weights, momentum)]  # Eq. 13
+        if theta.dim() == q.dim():  # per-layer gates: one (alpha, eta, theta) per weight matrix
+            momentum = [e[n] * s - th[n] * g for n, (s, g) in enumerate(zip(momentum, grads))]  # Eq. 14
+            weights = [(1 - a[n]) * w + s for n, (w, s) in enumerate(zip(weights, momentum))]  # Eq. 13
+        else:
+            momentum = [e * s - th * g for s, g in zip(momentum, grads)]  # Eq. 14
+            weights = [(1 - a) * w + s for w, s in zip(weights, momentum)]  # Eq. 13
         reads.append(network.read(weights, q[..., at, :]))  # Eq. 15, after the write
     if q.shape[-2] % chunk_size == 0:  # the chunk just closed: the next one starts here
         snapshot = weights

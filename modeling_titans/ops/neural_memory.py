@@ -21,8 +21,10 @@ Every per-token gradient is an outer product per weight matrix (`MemoryMLP.gradi
 no per-token copy of the weights (`MemoryMLP.chunk_read`) and the end-of-chunk state is one batched matmul per
 weight matrix. The outer loss back-propagates through all of it.
 
-Conventions: sequences are (batch, heads, tokens, d_head); gates are (batch, heads, tokens). All state math runs
-in fp32 (fp64 when the inputs are fp64, for gradcheck), whatever the model dtype.
+Conventions: sequences are (batch, heads, tokens, d_head); gates are (batch, heads, tokens), shared by the memory
+network's weight matrices, or (layers, batch, heads, tokens) with one alpha, eta, theta per weight matrix
+(per-layer gates: each matrix then follows its own Eqs. 13-14 with its own gates; `ChunkCoefficients.layer`). All
+state math runs in fp32 (fp64 when the inputs are fp64, for gradcheck), whatever the model dtype.
 """
 
 from __future__ import annotations
@@ -98,30 +100,62 @@ def _subtract_outer_sum(base: torch.Tensor, a: torch.Tensor, g: torch.Tensor) ->
 @dataclass
 class ChunkCoefficients:
     """The gate algebra of a chunk (depends on the gates only, never on the weights), so the scan computes it for
-    every chunk in one batched pass before its sequential loop. Leading dims (batch, heads[, chunks])."""
+    every chunk in one batched pass before its sequential loop. Leading dims ([layers,] batch, heads[, chunks]):
+    with `per_layer`, a leading axis holds each weight matrix's own coefficients (per-layer gates)."""
 
     beta: torch.Tensor  # (..., c, 1): beta_t = prod_{j<=t} (1 - alpha_j)
     coeff: torch.Tensor  # (..., c, c): C_{t,i}
     carry: torch.Tensor | None  # (..., c, 1): A_t; None without momentum
     surprise: torch.Tensor | None  # (..., c, 1): theta_i E_c / E_i
     eta_total: torch.Tensor | None  # (..., 1, 1): E_c
+    per_layer: bool = False
 
     def tensors(self) -> tuple:
         """The five fields in order (None where absent)."""
         return self.beta, self.coeff, self.carry, self.surprise, self.eta_total
 
+    def map(self, fn) -> "ChunkCoefficients":
+        """`fn` applied to every field present."""
+        return ChunkCoefficients(*(None if f is None else fn(f) for f in self.tensors()), per_layer=self.per_layer)
+
     def unbind(self, dim: int) -> list["ChunkCoefficients"]:
-        """One `ChunkCoefficients` per index of the chunk dim (unbind's backward is a single stack)."""
+        """One `ChunkCoefficients` per index of the chunk dim (unbind's backward is a single stack); `dim` counts
+        from the end."""
         parts = [None if f is None else f.unbind(dim) for f in self.tensors()]
         count = len(parts[0])
-        return [ChunkCoefficients(*(None if p is None else p[n] for p in parts)) for n in range(count)]
+        return [
+            ChunkCoefficients(*(None if p is None else p[n] for p in parts), per_layer=self.per_layer)
+            for n in range(count)
+        ]
+
+    def layer(self, index: int) -> "ChunkCoefficients":
+        """The coefficients that weight matrix `index` of the memory network follows."""
+        return self.map(lambda f: f[index]) if self.per_layer else self
+
+    def combine(self, per_layer_grads: list, like: torch.Tensor):
+        """One field's gradient from each weight matrix's contribution (0 for none): their sum for shared gates,
+        stacked on the layer axis for per-layer gates (`like`: the shape of one layer's contribution)."""
+        if not self.per_layer:
+            return sum(per_layer_grads)
+        return torch.stack([g if torch.is_tensor(g) else torch.zeros_like(like) for g in per_layer_grads])
 
 
-def chunk_coefficients(log_retain, log_momentum, lr, write_mask=None) -> ChunkCoefficients:
+def gates_per_layer(queries: torch.Tensor, lr: torch.Tensor) -> bool:
+    """Whether the gates carry a leading layer axis: (layers, batch, heads, T) against queries (batch, heads, T, d)."""
+    return lr.dim() == queries.dim()
+
+
+def of_layer(gate: torch.Tensor, index: int, per_layer: bool) -> torch.Tensor:
+    """Weight matrix `index`'s slice of a gate (all of it for shared gates)."""
+    return gate[index] if per_layer else gate
+
+
+def chunk_coefficients(log_retain, log_momentum, lr, write_mask=None, per_layer=False) -> ChunkCoefficients:
     """Gate algebra of the closed form (module docstring) over the last dim, the chunk's tokens.
 
     log_retain: log(1 - alpha_t); log_momentum: log(eta_t) or None; lr: theta_t; write_mask: 1 for tokens that
-    write (masked tokens also get alpha = 0, eta = 1, theta = 0 from `mask_gates`). All (..., c).
+    write (masked tokens also get alpha = 0, eta = 1, theta = 0 from `mask_gates`). All (..., c); with
+    `per_layer`, the gates' first axis runs over the weight matrices (the mask has none).
     """
     log_beta = log_retain.cumsum(-1)
     decay = _pairwise_decay(log_beta)  # beta_t / beta_s
@@ -129,13 +163,13 @@ def chunk_coefficients(log_retain, log_momentum, lr, write_mask=None) -> ChunkCo
         decay = decay * write_mask.unsqueeze(-2)  # only writing tokens add S_s into M
     beta = log_beta.exp().unsqueeze(-1)
     if log_momentum is None:  # eta = 0: S_t = -theta_t u_t, so C_{t,i} = theta_i beta_t / beta_i
-        return ChunkCoefficients(beta, decay * lr.unsqueeze(-2), None, None, None)
+        return ChunkCoefficients(beta, decay * lr.unsqueeze(-2), None, None, None, per_layer)
     log_eta = log_momentum.cumsum(-1)
     momentum_decay = _pairwise_decay(log_eta)  # E_s / E_i
     coeff = (decay @ momentum_decay) * lr.unsqueeze(-2)  # C_{t,i}
     carry = decay @ log_eta.exp().unsqueeze(-1)  # A_t
     surprise = (lr * momentum_decay[..., -1, :]).unsqueeze(-1)  # theta_i E_c / E_i
-    return ChunkCoefficients(beta, coeff, carry, surprise, log_eta[..., -1:].exp().unsqueeze(-1))
+    return ChunkCoefficients(beta, coeff, carry, surprise, log_eta[..., -1:].exp().unsqueeze(-1), per_layer)
 
 
 def chunk_update(
@@ -170,23 +204,17 @@ def chunk_end_state(weights: Weights, momentum: Weights | None, inputs, errors, 
 
         M_c = beta_c M_0 + A_c S_0 - sum_i C_{c,i} a_i^T g_i,   S_c = E_c S_0 - sum_i theta_i (E_c / E_i) a_i^T g_i
     """
-    beta_end = coefficients.beta[..., -1:, :]
-    last_coeff = coefficients.coeff[..., -1, :].unsqueeze(-1)  # C_{c,i}
-    if momentum is None:
-        new_weights = tuple(
-            _subtract_outer_sum(beta_end * w, a, last_coeff * g) for w, a, g in zip(weights, inputs, errors)
-        )
-        return new_weights, None
-    carry_end = coefficients.carry[..., -1:, :]
-    new_weights = tuple(
-        _subtract_outer_sum(torch.addcmul(beta_end * w, carry_end, s), a, last_coeff * g)
-        for w, s, a, g in zip(weights, momentum, inputs, errors)
-    )
-    new_momentum = tuple(
-        _subtract_outer_sum(coefficients.eta_total * s, a, coefficients.surprise * g)
-        for s, a, g in zip(momentum, inputs, errors)
-    )
-    return new_weights, new_momentum
+    new_weights, new_momentum = [], None if momentum is None else []
+    for layer, (w, a, g) in enumerate(zip(weights, inputs, errors)):
+        own = coefficients.layer(layer)
+        decayed = own.beta[..., -1:, :] * w  # beta_c M_0
+        last_coeff = own.coeff[..., -1, :].unsqueeze(-1)  # C_{c,i}
+        if momentum is not None:
+            s = momentum[layer]
+            decayed = torch.addcmul(decayed, own.carry[..., -1:, :], s)
+            new_momentum.append(_subtract_outer_sum(own.eta_total * s, a, own.surprise * g))
+        new_weights.append(_subtract_outer_sum(decayed, a, last_coeff * g))
+    return tuple(new_weights), None if new_momentum is None else tuple(new_momentum)
 
 
 def mask_gates(log_retain, log_momentum, lr, write_mask):
@@ -224,9 +252,10 @@ def neural_memory_scan(
     )
     mask = None if write_mask is None else write_mask.to(dtype).unsqueeze(1)
     log_retain, log_momentum, lr = mask_gates(log_retain, log_momentum, lr, mask)
+    per_layer = gates_per_layer(queries, lr)
     # Per-chunk pieces by split/unbind, not by slicing in the loop: the backward of a slice writes a zero tensor of
     # the full length per chunk (quadratic in T), the backward of split is one concatenation.
-    coefficients = _all_chunk_coefficients(log_retain, log_momentum, lr, mask, chunk_size)
+    coefficients = _all_chunk_coefficients(log_retain, log_momentum, lr, mask, chunk_size, per_layer)
     chunks = zip(*(x.split(chunk_size, dim=-2) for x in (queries, keys, values)), coefficients)
     weights, momentum, snapshot = state.weights, state.momentum, state.snapshot
     reads, end = [], 0
@@ -241,7 +270,7 @@ def neural_memory_scan(
     return torch.cat(reads, dim=-2), MemoryState(weights=weights, snapshot=snapshot, momentum=momentum)
 
 
-def _all_chunk_coefficients(log_retain, log_momentum, lr, mask, chunk_size) -> list[ChunkCoefficients]:
+def _all_chunk_coefficients(log_retain, log_momentum, lr, mask, chunk_size, per_layer) -> list[ChunkCoefficients]:
     """`chunk_coefficients` of every chunk: the full chunks in one batched pass (gates viewed as
     (batch, heads, chunks, c)), then the shorter last chunk if any."""
     length = log_retain.shape[-1]
@@ -251,9 +280,9 @@ def _all_chunk_coefficients(log_retain, log_momentum, lr, mask, chunk_size) -> l
     if full:
         def as_chunks(x):
             return None if x is None else x[..., :full].unflatten(-1, (-1, chunk_size))
-        result = chunk_coefficients(*(as_chunks(x) for x in gates)).unbind(-3)
+        result = chunk_coefficients(*(as_chunks(x) for x in gates), per_layer=per_layer).unbind(-3)
     if full < length:
-        result.append(chunk_coefficients(*(None if x is None else x[..., full:] for x in gates)))
+        result.append(chunk_coefficients(*(None if x is None else x[..., full:] for x in gates), per_layer=per_layer))
     return result
 
 
@@ -284,20 +313,20 @@ def neural_memory_step(
     queries, keys, values, log_retain, log_momentum, lr = _to_dtype(
         compute_dtype(queries.dtype), queries, keys, values, log_retain, log_momentum, lr
     )
+    per_layer = gates_per_layer(queries, lr)
     inputs, errors = network.gradient_factors(state.snapshot, keys, values)  # u_t = a^T g, per layer
-    retain = log_retain.exp()[..., None]  # (batch, heads, 1, 1): 1 - alpha_t
+    retain = log_retain.exp()[..., None]  # ([layers,] batch, heads, 1, 1): 1 - alpha_t
     lr = lr[..., None]  # theta_t
-    if state.momentum is None:  # eta = 0: S_t = -theta_t u_t
-        momentum = None
-        weights = tuple(
-            _subtract_outer_sum(retain * w, a, lr * g) for w, a, g in zip(state.weights, inputs, errors)
-        )
-    else:
-        eta = log_momentum.exp()[..., None]
-        momentum = tuple(
-            _subtract_outer_sum(eta * s, a, lr * g) for s, a, g in zip(state.momentum, inputs, errors)
-        )
-        weights = tuple(torch.addcmul(s, retain, w) for w, s in zip(state.weights, momentum))
+    eta = None if state.momentum is None else log_momentum.exp()[..., None]
+    weights, momentum = [], None if eta is None else []
+    for layer, (w, a, g) in enumerate(zip(state.weights, inputs, errors)):
+        own_retain, own_lr = of_layer(retain, layer, per_layer), of_layer(lr, layer, per_layer)
+        if eta is None:  # eta = 0: S_t = -theta_t u_t
+            weights.append(_subtract_outer_sum(own_retain * w, a, own_lr * g))
+        else:
+            momentum.append(_subtract_outer_sum(of_layer(eta, layer, per_layer) * state.momentum[layer], a, own_lr * g))
+            weights.append(torch.addcmul(momentum[-1], own_retain, w))
+    weights, momentum = tuple(weights), None if momentum is None else tuple(momentum)
     reads = network.read(weights, queries)
     if write_mask is not None:
         weights = select_rows(write_mask, weights, state.weights)
