@@ -253,6 +253,43 @@ def test_outer_gradients_reach_every_parameter(variant, ablation):
         assert any(fragment in name for name in names), fragment
 
 
+def saved_bytes_and_gradients(model, input_ids):
+    """Bytes of the tensors autograd keeps for backward in a training step (each storage once) and the gradients."""
+    seen, total = set(), 0
+
+    def keep(tensor):
+        nonlocal total
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+        return tensor
+
+    model.zero_grad(set_to_none=True)
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        loss = model(input_ids, labels=input_ids).loss
+    loss.backward()
+    return total, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_recomputed_activations_give_the_same_gradients_with_less_kept(variant, monkeypatch):
+    """The memory layer's convolution / SiLU / normalisation and the output gates' norms and activations are
+    recomputed in backward (`recompute_in_backward`): the gradients are those of keeping them, bit for bit, and
+    autograd keeps less."""
+    from modeling_titans.layers import memory_layer, token_mixers
+
+    model = tiny_model(variant).train()
+    input_ids = random_ids(2, SEQ_LEN)
+    recomputed, gradients = saved_bytes_and_gradients(model, input_ids)
+    for module in (memory_layer, token_mixers):
+        monkeypatch.setattr(module, "recompute_in_backward", lambda fn, *args: fn(*args))
+    kept, kept_gradients = saved_bytes_and_gradients(model, input_ids)
+    for name, gradient in gradients.items():
+        assert torch.equal(gradient, kept_gradients[name]), name
+    assert recomputed < 0.9 * kept, (recomputed, kept)
+
+
 def memory_module(memory_depth: int, chunk_size: int) -> torch.nn.Module:
     """One initialised TitansNeuralMemory with tiny dimensions (hidden 8, 2 heads of 4), in float64."""
     config = TitansConfig(

@@ -4,8 +4,31 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+
+def recompute_in_backward(fn, *args):
+    """fn(*args); when autograd records it, only `args` are kept for the backward pass and fn's intermediates are
+    recomputed there (non-reentrant `torch.utils.checkpoint`). For the elementwise pieces of a block (norms,
+    activations, gating, the causal convolution): their saved activations cost several copies of the hidden
+    state per token, their recomputation a pass over memory. `fn` must be a function of `args` alone, the
+    parameters it uses included: the recomputation then sees the tensors of the forward pass even where those
+    were swapped in for the call (`torch.func.functional_call`). Under torch.compile the partitioner makes this
+    choice itself."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+def rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's RMSNorm, computed in at least fp32."""
+    input_dtype = hidden_states.dtype
+    hidden_states = hidden_states.to(torch.promote_types(input_dtype, torch.float32))
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    hidden_states = hidden_states * torch.rsqrt(variance + eps)
+    return weight * hidden_states.to(input_dtype)
 
 
 class TitansRMSNorm(nn.Module):
@@ -15,11 +38,7 @@ class TitansRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.promote_types(input_dtype, torch.float32))
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
+        return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
 class TitansMLP(nn.Module):

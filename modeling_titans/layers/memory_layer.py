@@ -22,7 +22,7 @@ from torch import nn
 from ..ops.chunk_scan import checkpointed_memory_scan
 from ..ops.memory_network import MemoryMLP
 from ..ops.neural_memory import MemoryState, compute_dtype, initial_state, neural_memory_step
-from .basics import TitansRMSNorm
+from .basics import TitansRMSNorm, recompute_in_backward, rms_norm
 from .tokens import TokenInfo
 
 
@@ -135,9 +135,9 @@ class TitansNeuralMemory(nn.Module):
         memory = initial_state(list(self.network.initial_weights), batch_size, use_momentum=self.config.use_momentum)
         return NeuralMemoryState(memory.weights, memory.snapshot, memory.momentum)
 
-    def causal_conv(self, x: torch.Tensor, tail: torch.Tensor | None, tokens: TokenInfo):
-        """Depthwise causal convolution over (tail ++ x); returns the output and the new tail (last inputs of
-        each row's real tokens).
+    def causal_conv(self, x: torch.Tensor, tail: torch.Tensor | None, tokens: TokenInfo, weight: torch.Tensor):
+        """Depthwise causal convolution with `weight` (`self.conv`'s) over (tail ++ x); returns the output and the
+        new tail (last inputs of each row's real tokens).
 
         Written as a sum over the kernel's taps, out_t = sum_j w_j * extended_{t + j}: the same numbers as
         `self.conv` (whose weight it uses), several times faster on CPU for a single decoded token (Conv1d's
@@ -147,7 +147,7 @@ class TitansNeuralMemory(nn.Module):
         if tail is None:
             tail = x.new_zeros(x.shape[0], kernel - 1, x.shape[2])
         extended = torch.cat([tail, x], dim=1)  # (batch, kernel - 1 + T, channels)
-        taps = self.conv.weight[:, 0, :]  # (channels, kernel)
+        taps = weight[:, 0, :]  # (channels, kernel)
         out = sum(extended[:, j : j + seq_len] * taps[:, j] for j in range(kernel))
         if tokens.all_valid:  # every row ends at column T - 1 (a copy: a view would keep `extended` alive)
             return out, extended[:, seq_len:].clone()
@@ -194,13 +194,23 @@ class TitansNeuralMemory(nn.Module):
 
     def project(self, x: torch.Tensor, tokens: TokenInfo, state: NeuralMemoryState):
         """q, k, v (batch, heads, T, head_dim) of the tokens, q and k l2-normalised, and the new convolution tail.
-        `x` must be zero at padding (`forward` masks it)."""
+        `x` must be zero at padding (`forward` masks it). The convolution, SiLU and normalisation are recomputed
+        in backward (`recompute_in_backward`)."""
         qkv = torch.cat([self.mem_q_proj(x), self.mem_k_proj(x), self.mem_v_proj(x)], dim=-1)
-        conv_tail = None
-        if self.conv is not None:
-            qkv, conv_tail = self.causal_conv(qkv, state.conv_tail, tokens)
+        conv_weight = None if self.conv is None else self.conv.weight
+        return recompute_in_backward(self.activate, qkv, state.conv_tail, tokens, conv_weight)
+
+    def activate(self, qkv, conv_tail, tokens: TokenInfo, conv_weight):
+        """The projections' output -> q, k, v per head (causal conv, SiLU, l2 norm of q and k) and the conv tail."""
+        if conv_weight is not None:
+            qkv, conv_tail = self.causal_conv(qkv, conv_tail, tokens, conv_weight)
         q, k, v = (self.split_heads(t) for t in F.silu(qkv).chunk(3, dim=-1))
         return l2_normalize(q), l2_normalize(k), v, conv_tail
+
+    def gated_read(self, reads: torch.Tensor, gate: torch.Tensor, norm_weight: torch.Tensor) -> torch.Tensor:
+        """RMSNorm(y) * SiLU(W_G x) of the reads y (batch, heads, T, head_dim), merged to (batch, T, hidden)."""
+        normed = rms_norm(reads.to(gate.dtype), norm_weight, self.out_norm.variance_epsilon)
+        return normed.transpose(1, 2).flatten(2) * F.silu(gate)
 
     def forward(self, x: torch.Tensor, tokens: TokenInfo, state: NeuralMemoryState | None):
         """x (batch, T, hidden) -> output (batch, T, hidden) and the state after the last real token."""
@@ -212,6 +222,6 @@ class TitansNeuralMemory(nn.Module):
             reads, memory = self.write_and_read(state, q, k, v, self.gates(x), tokens)
         else:  # nothing written, nothing forgotten: every token reads the current weights
             reads, memory = self.network.read(state.weights, q), state
-        y = self.out_norm(reads.to(x.dtype)).transpose(1, 2).flatten(2)  # (batch, T, hidden)
-        out = self.mem_o_proj(y * F.silu(self.mem_gate_proj(x)))
+        gated = recompute_in_backward(self.gated_read, reads, self.mem_gate_proj(x), self.out_norm.weight)
+        out = self.mem_o_proj(gated)
         return out, NeuralMemoryState(memory.weights, memory.snapshot, memory.momentum, conv_tail)

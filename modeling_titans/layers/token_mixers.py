@@ -28,7 +28,7 @@ from transformers.activations import ACT2FN
 from ..ops.memory_network import Weights
 from ..ops.neural_memory import select_rows
 from .attention import AttentionKeys, SegmentAttention, SlidingWindowAttention
-from .basics import TitansRMSNorm
+from .basics import TitansRMSNorm, recompute_in_backward, rms_norm
 from .memory_layer import NeuralMemoryState, TitansNeuralMemory
 from .tokens import TokenInfo
 
@@ -47,9 +47,16 @@ class TitansOutputGate(nn.Module):
         self.gate_o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
 
     def forward(self, attended, remembered):
-        if self.attn_norm is not None:
-            attended = self.attn_norm(attended)
-        return self.gate_o_proj(attended * self.activation(self.memory_norm(remembered)))
+        attn_weight = None if self.attn_norm is None else self.attn_norm.weight
+        gated = recompute_in_backward(self.gated, attended, remembered, attn_weight, self.memory_norm.weight)
+        return self.gate_o_proj(gated)
+
+    def gated(self, attended, remembered, attn_weight, memory_weight):
+        """The product before W_O, from the two norms' weights (recomputed in backward)."""
+        eps = self.memory_norm.variance_epsilon
+        if attn_weight is not None:
+            attended = rms_norm(attended, attn_weight, eps)
+        return attended * self.activation(rms_norm(remembered, memory_weight, eps))
 
     @torch.no_grad()
     def pass_attention(self):
