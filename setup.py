@@ -18,9 +18,11 @@ REQUIRES = [
 ]
 PEFT = ["peft>=0.15"]
 PLOTS = ["matplotlib>=3.7"]
+# reading a Llama from a .gguf file (`titans convert model.gguf ...`); the GGUF tests also write one with it
+UPCYCLE = ["gguf"]
 TESTS = ["pytest"]
-# What the README's commands use: LoRA, plots, and the test suite (its command 2; CI installs exactly this).
-ALL = PEFT + PLOTS + TESTS
+# What the README's commands use: LoRA, plots, GGUF, and the test suite (its command 2; CI installs exactly this).
+ALL = PEFT + PLOTS + UPCYCLE + TESTS
 
 setup(
     name="modeling-titans",
@@ -33,8 +35,7 @@ setup(
     entry_points={"console_scripts": ["titans = modeling_titans.cli:main"]},
     extras_require={
         "peft": PEFT,
-        # reading a Llama from a .gguf file (`titans convert model.gguf ...`)
-        "upcycle": ["gguf"],
+        "upcycle": UPCYCLE,
         # titans-pytorch is only a point of comparison in benchmarks/, never a dependency of the model
         "bench": PLOTS + ["titans-pytorch>=0.5"],
         "all": ALL,

@@ -47,5 +47,6 @@ def test_readme_setup_installs_what_the_tests_need(monkeypatch):
     runpy.run_path(os.path.join(REPO, "setup.py"))
     requirements = arguments["install_requires"] + [r for extra in extras for r in arguments["extras_require"][extra]]
     names = {re.match(r"[\w.-]+", requirement).group(0).lower() for requirement in requirements}
-    # The test files import pytest and peft; the benchmark tests draw their plots with matplotlib.
-    assert {"pytest", "peft", "matplotlib"} <= names
+    # The test files import pytest and peft; the benchmark tests draw their plots with matplotlib; the GGUF tests
+    # of test_upcycling.py write their file with gguf.
+    assert {"pytest", "peft", "matplotlib", "gguf"} <= names

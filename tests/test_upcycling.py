@@ -1,17 +1,22 @@
 """Titans from a pretrained Llama (`modeling_titans/upcycling.py`, `titans convert`): right after conversion the
 Titans model gives the Llama's logits under a sliding-window mask (the reference is a `MistralForCausalLM` with the
 Llama's weights and that window) and the full Llama's logits for inputs no longer than the window; greedy
-generate() within the window gives the Llama's tokens; save / load, the command line, memory-only training, the
-Hub export and every refusal."""
+generate() within the window gives the Llama's tokens; save / load, the command line, a .gguf source (float32 and
+float16, with and without a tokenizer; the test writes the file with the `gguf` package), memory-only training,
+the Hub export and every refusal."""
 
+import copy
+import json
 import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -22,6 +27,7 @@ from modeling_titans import TitansForCausalLM
 from modeling_titans.cli import main
 from modeling_titans.tokenization import train_byte_level_bpe
 from modeling_titans.upcycling import (
+    load_llama,
     memory_parameter_names,
     titans_config_from_llama,
     train_only_memory,
@@ -293,3 +299,122 @@ def test_exported_conversion_loads_with_remote_code(llama_folder, tmp_path):
     with torch.no_grad():
         expected = AutoModelForCausalLM.from_pretrained(converted)(ids).logits
     torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, atol=0, rtol=0)
+
+
+# Reading a Llama from a .gguf file (`llama_location`, `load_llama`). No real GGUF is downloaded: the tests write
+# the tiny random Llama as one with the `gguf` package, the way llama.cpp's convert_hf_to_gguf.py lays it out.
+GGUF_SKIP_REASON = "the GGUF tests write their .gguf file with the `gguf` package (pip install gguf)"
+
+
+def permute_for_gguf(weight: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's q/k row order (its `LlamaModel.permute`: RoPE on interleaved pairs), which transformers'
+    GGUF loader undoes (`LlamaTensorProcessor._reverse_permute_weights`)."""
+    pairs = weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:])
+    return pairs.swapaxes(1, 2).reshape(weight.shape)
+
+
+def write_llama_gguf(llama: LlamaForCausalLM, path, tokenizer=None, matrix_dtype=np.float32):
+    """Writes `llama` to the GGUF file `path`: the "llama" metadata transformers reads into a LlamaConfig
+    (GGUF_CONFIG_MAPPING["llama"]), the tensors under llama.cpp's names (no `output.weight` when tied), q/k rows
+    permuted, matrices in `matrix_dtype` (float32 or float16) and norms in float32. With `tokenizer` (a byte-level
+    BPE), also its vocabulary and merges as a "gpt2" tokenizer that adds BOS; the pre-tokenizer becomes GPT-2's
+    (no digit splitting). Returns `path`."""
+    import gguf
+
+    config = llama.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny-llama")
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    if tokenizer is not None:
+        tokens = [token for token, _ in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])]
+        assert tokens == tokenizer.convert_ids_to_tokens(list(range(len(tokens))))  # ids 0 .. n-1, no gap
+        merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+        writer.add_tokenizer_model("gpt2")
+        writer.add_token_list(tokens)
+        special = set(tokenizer.all_special_tokens)
+        writer.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
+        writer.add_token_merges([merge if isinstance(merge, str) else " ".join(merge) for merge in merges])
+        writer.add_bos_token_id(tokenizer.bos_token_id)
+        writer.add_eos_token_id(tokenizer.eos_token_id)
+        writer.add_pad_token_id(tokenizer.pad_token_id)
+        writer.add_add_bos_token(True)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    for name, tensor in llama.state_dict().items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        array = tensor.float().numpy()
+        if name.endswith("q_proj.weight"):
+            array = permute_for_gguf(array, config.num_attention_heads)
+        elif name.endswith("k_proj.weight"):
+            array = permute_for_gguf(array, config.num_key_value_heads)
+        writer.add_tensor(names.get_name(name.removesuffix(".weight")) + ".weight",
+                          array.astype(matrix_dtype if array.ndim == 2 else np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("variant", CONVERTIBLE)
+@torch.no_grad()
+def test_gguf_file_converts_to_the_llamas_logits(tmp_path, variant, tied):
+    pytest.importorskip("gguf", reason=GGUF_SKIP_REASON)
+    llama = tiny_llama(tied)
+    path = write_llama_gguf(llama, tmp_path / "llama.gguf")
+    titans = TitansForCausalLM.from_llama(path, variant=variant, sliding_window=WINDOW, memory_chunk_size=4)
+    assert titans.config.mixer_types == [variant] * 3 and titans.config.tie_word_embeddings is tied
+    short_ids = random_ids(2, WINDOW)
+    torch.testing.assert_close(titans(short_ids).logits, llama(short_ids).logits, atol=1e-5, rtol=0)
+    long_ids = random_ids(1, 4 * WINDOW + 3)
+    windowed = windowed_llama(llama, WINDOW)(long_ids).logits
+    torch.testing.assert_close(titans(long_ids).logits, windowed, atol=1e-5, rtol=0)
+    assert load_llama(str(path))[1] is None  # no tokenizer section: the model alone
+
+
+@torch.no_grad()
+def test_f16_gguf_file_converts_to_the_rounded_llamas_logits(tmp_path):
+    pytest.importorskip("gguf", reason=GGUF_SKIP_REASON)
+    llama = tiny_llama()
+    path = write_llama_gguf(llama, tmp_path / "llama-f16.gguf", matrix_dtype=np.float16)
+    rounded = copy.deepcopy(llama)
+    for parameter in rounded.parameters():
+        if parameter.ndim == 2:
+            parameter.copy_(parameter.half().float())
+    titans = TitansForCausalLM.from_llama(path, variant="mal", sliding_window=WINDOW)
+    assert titans.dtype == torch.float32  # transformers dequantizes to float32
+    ids = random_ids(2, WINDOW)
+    expected = rounded(ids).logits
+    assert (expected - llama(ids).logits).abs().max() > 1e-5, "the float16 rounding must show in the logits"
+    torch.testing.assert_close(titans(ids).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_convert_command_reads_a_gguf_file_with_its_tokenizer(tmp_path, capsys):
+    pytest.importorskip("gguf", reason=GGUF_SKIP_REASON)
+    text_file = tmp_path / "text.txt"
+    text_file.write_text(TEXT * 40)
+    tokenizer = train_byte_level_bpe([str(text_file)], VOCAB, show_progress=False)
+    llama = tiny_llama(tied=True)
+    path = write_llama_gguf(llama, tmp_path / "llama.gguf", tokenizer)
+    out = tmp_path / "titans"
+    assert main(["convert", str(path), str(out), "--variant", "mag", "--window", str(WINDOW)]) == 0
+    assert "Titans MAG, memory in 3 of 3 layers" in capsys.readouterr().out
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json"):
+        assert (out / name).is_file(), name
+    titans = TitansForCausalLM.from_pretrained(out)
+    ids = random_ids(1, WINDOW)
+    with torch.no_grad():
+        torch.testing.assert_close(titans(ids).logits, llama(ids).logits, atol=1e-5, rtol=0)
+    saved = AutoTokenizer.from_pretrained(out)
+    assert saved(TEXT).input_ids == tokenizer(TEXT).input_ids
+    assert (saved.bos_token_id, saved.eos_token_id, saved.pad_token_id) == (1, 2, 0)
