@@ -274,15 +274,15 @@ def saved_bytes_and_gradients(model, input_ids):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_recomputed_activations_give_the_same_gradients_with_less_kept(variant, monkeypatch):
-    """The memory layer's convolution / SiLU / normalisation and the output gates' norms and activations are
-    recomputed in backward (`recompute_in_backward`): the gradients are those of keeping them, bit for bit, and
-    autograd keeps less."""
-    from modeling_titans.layers import memory_layer, token_mixers
+    """The elementwise pieces (RMSNorms, the MLP's activation, the memory layer's convolution / SiLU /
+    normalisation, the output gates) are recomputed in backward (`recompute_in_backward`): the gradients are those
+    of keeping them, bit for bit, and autograd keeps less."""
+    from modeling_titans.layers import basics, memory_layer, token_mixers
 
     model = tiny_model(variant).train()
     input_ids = random_ids(2, SEQ_LEN)
     recomputed, gradients = saved_bytes_and_gradients(model, input_ids)
-    for module in (memory_layer, token_mixers):
+    for module in (basics, memory_layer, token_mixers):
         monkeypatch.setattr(module, "recompute_in_backward", lambda fn, *args: fn(*args))
     kept, kept_gradients = saved_bytes_and_gradients(model, input_ids)
     for name, gradient in gradients.items():

@@ -38,7 +38,7 @@ class TitansRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+        return recompute_in_backward(rms_norm, hidden_states, self.weight, self.variance_epsilon)
 
 
 class TitansMLP(nn.Module):
@@ -52,7 +52,11 @@ class TitansMLP(nn.Module):
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x):
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(recompute_in_backward(self.gated_activation, self.gate_proj(x), self.up_proj(x)))
+
+    def gated_activation(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """act(gate) * up, recomputed in backward: it would keep two more intermediate-size activations."""
+        return self.act_fn(gate) * up
 
 
 def default_rope_parameters(config, device=None, seq_len=None) -> tuple[torch.Tensor, float]:
