@@ -193,7 +193,9 @@ class TitansAttention(nn.Module):
         outputs, weights = [], []
         for start in range(0, seq_len, block):
             q_pos = tokens.positions[:, start : start + block]
-            if static_first is None:
+            if seq_len == 1:  # one query per row: the kept keys are those some row's next query sees, all of them
+                lo, hi = 0, visible.keys.shape[2]
+            elif static_first is None:
                 lo, hi = self.reached_columns(visible, q_pos)
             elif memory_tokens is None:
                 lo = max(0, self.window_start(static_first + start) - static_first)
