@@ -4,7 +4,7 @@
     mal  MemoryAsLayer    x + Memory(norm(x)), then + SlidingWindowAttn(norm(.))
     mag  MemoryAsGate     x + Gate(SlidingWindowAttn(norm(x)), Memory(norm(x)))
     mac  MemoryAsContext  x + per segment: h = M_{s-1}(q), y = Attn([persistent, h, segment]), write u = norm(x + y),
-                          Gate(y, M(u))
+                          Gate(y, M(u)) (x: the block's input)
     swa  SlidingWindowAttentionOnly  x + SlidingWindowAttn(norm(x)), no memory (layers of a converted Llama)
 
 A mixer reads the residual stream and returns what it adds to it (the decoder layer adds it, then the MLP). It
@@ -242,12 +242,12 @@ class MemoryAsContext(TokenMixer):
 
         h_j = M*_{s-1}(q_j)                  retrieve, q_j from the segment's own tokens        (Eq. 21)
         y = Attn([persistent, h, segment])   x_j sees the prefix, h_1..h_j and x_1..x_j         (Eqs. 22-23)
-        write y into the memory              chunked, each token reads after its own write      (Eq. 24)
-        o_j = Gate(y_j, M_j*(y_j))                                                              (Eq. 25)
+        write u = RMSNorm(r + y)             chunked, each token reads after its own write      (Eq. 24)
+        o_j = Gate(y_j, M_j*(u_j))                                                              (Eq. 25)
 
-    What the memory writes and reads (`config.mac_memory_input`): "residual" (default) u_j = RMSNorm(x_j + y_j),
-    the block's input plus the attention output; "normed_attention" RMSNorm(y_j); "attention" y_j itself, the
-    literal Eq. 24. y alone leaves the attention's output projection at ~1e-3 of the tokens' scale at
+    What the memory writes and reads (`config.mac_memory_input`): "residual" (default) u_j = RMSNorm(r_j + y_j),
+    the block's input r (the residual stream, before the input norm) plus the attention output; "normed_attention" RMSNorm(y_j); "attention" y_j itself, the
+    literal Eq. 24. y alone leaves the attention's output projection at ~0.3% of the tokens' scale at
     initialisation (the memory's values ~100x smaller than what M_0 reads) and is an average over the segment
     (the keys of different tokens nearly parallel), so the memory stored next to nothing and MAC did not learn
     the passkey task. The gate's attention side is y in every case.
@@ -255,7 +255,8 @@ class MemoryAsContext(TokenMixer):
 
     description = (
         "**MAC** (memory as a context): each segment attends to learned persistent tokens, to what the neural "
-        "memory retrieves for it, and to itself; the memory is written with the attention outputs"
+        "memory retrieves for it, and to itself; the memory is written with the attention outputs (by default added "
+        "to the block's input and normalised)"
     )
     config_fields = ("segment_size", "mac_memory_input")
     has_attention = True
