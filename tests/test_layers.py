@@ -197,11 +197,11 @@ def cosine_between_tokens(x: torch.Tensor) -> float:
 
 
 def test_mac_writes_its_memory_with_distinct_unit_scale_tokens():
-    """The literal Eq. 24 writes the attention outputs y into the memory. At initialisation they leave the
-    attention's output projection (N(0, 0.02)) at ~0.3% of the tokens' scale, and they are averages over the
-    segment, so different tokens give nearly parallel vectors: the memory's keys could not tell the tokens apart
-    and its values were ~100x smaller than what M_0 reads, and MAC did not learn the passkey task. The default
-    `mac_memory_input="residual"` writes RMSNorm(x + y): unit scale, and as distinct per token as MAG's input."""
+    """The literal Eq. 24 writes the attention outputs y into the memory. They are averages over the segment, so
+    different tokens give nearly parallel vectors the memory's keys cannot tell apart, and at initialisation they
+    leave the attention's output projection (N(0, 0.02)) at ~0.3% of the tokens' scale: MAC did not learn the
+    passkey task. The default `mac_memory_input="residual"` writes RMSNorm(r + y): unit scale, and in the first
+    layer as distinct per token as MAG's input (the embeddings)."""
     input_ids = random_ids(2, 2 * SEGMENT)
     residual = memory_inputs(tiny_model("mac"), input_ids)  # layer 1's segments, then layer 2's
     attention = memory_inputs(tiny_model("mac", mac_memory_input="attention"), input_ids)

@@ -57,10 +57,10 @@ class TitansConfig(PreTrainedConfig):
     - `mac_memory_input` (MAC): what each segment writes into the neural memory and reads it with (Eqs. 24-25).
       "residual" (default): RMSNorm(x + y), the block's input plus the attention outputs y, normalised with a
       learned gain; "normed_attention": RMSNorm(y); "attention": y as it is (the literal Eq. 24, the only choice
-      before config format 4). y alone is a poor memory input: it leaves the attention's output projection at
-      ~1e-3 of the tokens' scale at initialisation, and it is an average over the segment, so the keys of
-      different tokens are nearly parallel; with it MAC did not learn the demo's passkey task
-      (`docs/design.md`, "The blocks").
+      before config format 4). y alone is a poor memory input: it is an average over the segment, so the
+      vectors of different tokens are nearly parallel and the memory's keys cannot tell them apart (and at
+      initialisation it is ~0.3% of the tokens' scale); with it MAC did not learn the demo's passkey task, nor with
+      RMSNorm(y) (`docs/design.md`, "The blocks").
     - `num_persistent_tokens`: learned attention prefix of every attention layer (Eq. 19).
     - `conv_kernel_size`: causal depthwise convolution on the memory's q, k, v (Sec. 4.4).
     - `memory_lr_max`: cap theta_max of the inner learning rate theta_t = theta_max * sigmoid(.).
