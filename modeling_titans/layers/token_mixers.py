@@ -246,11 +246,11 @@ class MemoryAsContext(TokenMixer):
         o_j = Gate(y_j, M_j*(u_j))                                                              (Eq. 25)
 
     What the memory writes and reads (`config.mac_memory_input`): "residual" (default) u_j = RMSNorm(r_j + y_j),
-    the block's input r (the residual stream, before the input norm) plus the attention output; "normed_attention" RMSNorm(y_j); "attention" y_j itself, the
-    literal Eq. 24. y alone is an average over the segment (the vectors of different tokens nearly parallel, so
-    the memory's keys cannot tell them apart) and at initialisation ~0.3% of the tokens' scale: the memory stored
-    next to nothing token-specific and MAC did not learn the passkey task, with y or RMSNorm(y). The gate's
-    attention side is y in every case.
+    the block's input r (the residual stream, before the input norm) plus the attention output;
+    "normed_attention" RMSNorm(y_j); "attention" y_j itself, the literal Eq. 24. y alone is an average over the
+    segment (the vectors of different tokens nearly parallel, so the memory's keys cannot tell them apart) and at
+    initialisation ~0.3% of the tokens' scale: the memory stored next to nothing token-specific and MAC did not
+    learn the passkey task, with y or RMSNorm(y). The gate's attention side is y in every case.
     """
 
     description = (
