@@ -34,6 +34,7 @@ from modeling_titans.configuration.configuration_titans import VARIANTS
         ({"memory_momentum_init": 1.0}, "memory_momentum_init", "strictly between 0 and 1"),
         ({"memory_lr_init": 1.5}, "memory_lr_init", "strictly between 0 and 1"),
         ({"gate_activation": "swoosh"}, "gate_activation", "must be one of"),
+        ({"mac_memory_input": "keys"}, "mac_memory_input", "must be one of ('residual',"),
         ({"hidden_act": "swoosh"}, "hidden_act", "must be one of"),
         ({"rms_norm_eps": 0.0}, "rms_norm_eps", "> 0"),
         ({"rope_theta": -1.0}, "rope_parameters", "rope_theta must be > 0"),

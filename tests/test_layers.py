@@ -1,6 +1,7 @@
 """The block structure: the table of token mixers, per-layer mixers (hybrids), the facts mixers declare, and
 checkpoints of the previous weight layout."""
 
+import json
 import os
 
 import pytest
@@ -167,3 +168,83 @@ def test_mlp_and_gate_activations_follow_the_config():
     for overrides in ({"hidden_act": "gelu"}, {"gate_activation": "tanh"}):
         model = tiny_model("mag", **overrides)
         assert (full_logits(model, input_ids) - plain).abs().max() > 1e-4, overrides
+
+
+def memory_inputs(model, input_ids) -> list[torch.Tensor]:
+    """What each layer's neural memory is written with (and read by) in a forward pass of `input_ids`."""
+    seen = []
+    hooks = [
+        layer.mixer.memory.register_forward_hook(lambda module, args, output: seen.append(args[0]))
+        for layer in model.model.layers
+    ]
+    with torch.no_grad():
+        full_logits(model, input_ids)
+    for hook in hooks:
+        hook.remove()
+    return seen
+
+
+def rms(x: torch.Tensor) -> float:
+    return float(x.pow(2).mean().sqrt())
+
+
+def cosine_between_tokens(x: torch.Tensor) -> float:
+    """Mean cosine similarity between the vectors of different tokens of a row (batch, T, hidden)."""
+    unit = torch.nn.functional.normalize(x, dim=-1)
+    similarity = unit @ unit.transpose(1, 2)
+    length = x.shape[1]
+    return float((similarity.sum((1, 2)) - length).mean() / (length * (length - 1)))
+
+
+def test_mac_writes_its_memory_with_distinct_unit_scale_tokens():
+    """The literal Eq. 24 writes the attention outputs y into the memory. They are averages over the segment, so
+    different tokens give nearly parallel vectors the memory's keys cannot tell apart, and at initialisation they
+    leave the attention's output projection (N(0, 0.02)) at ~0.3% of the tokens' scale: MAC did not learn the
+    passkey task. The default `mac_memory_input="residual"` writes RMSNorm(r + y): unit scale, and in the first
+    layer as distinct per token as MAG's input (the embeddings)."""
+    input_ids = random_ids(2, 2 * SEGMENT)
+    residual = memory_inputs(tiny_model("mac"), input_ids)  # layer 1's segments, then layer 2's
+    attention = memory_inputs(tiny_model("mac", mac_memory_input="attention"), input_ids)
+    for written, literal in zip(residual, attention):
+        assert 0.9 < rms(written) < 1.1 and rms(literal) < 0.05
+        assert cosine_between_tokens(written) < cosine_between_tokens(literal) - 0.2
+    assert all(cosine_between_tokens(written) < 0.1 for written in residual[:2])  # layer 1: the embeddings
+    assert all(cosine_between_tokens(literal) > 0.5 for literal in attention)
+    for written in memory_inputs(tiny_model("mac", mac_memory_input="normed_attention"), input_ids):
+        assert 0.9 < rms(written) < 1.1
+    for written in memory_inputs(tiny_model("mag"), input_ids):  # MAG's memory reads the normalised tokens
+        assert 0.9 < rms(written) < 1.1
+
+
+def test_a_format_3_mac_checkpoint_keeps_writing_raw_attention_outputs(tmp_path):
+    """A config saved before titans_format_version 4 has no `mac_memory_input`: it loads with "attention", so a MAC
+    checkpoint trained then has no `memory_input_norm` weights to miss and gives the logits it gave then; saved
+    again, it keeps the setting. A new config gets "residual"."""
+    model = tiny_model("mac", mac_memory_input="attention")
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    fields = json.loads(path.read_text())
+    del fields["mac_memory_input"]
+    fields["titans_format_version"] = 3
+    path.write_text(json.dumps(fields))
+    reloaded = TitansForCausalLM.from_pretrained(tmp_path).eval()
+    assert reloaded.config.mac_memory_input == "attention"
+    assert all(layer.mixer.memory_input_norm is None for layer in reloaded.model.layers)
+    saved, loaded = model.state_dict(), reloaded.state_dict()
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[name], loaded[name]) for name in saved)
+    input_ids = random_ids(2, 2 * SEGMENT + 3)
+    torch.testing.assert_close(full_logits(reloaded, input_ids), full_logits(model, input_ids), rtol=0, atol=1e-5)
+    reloaded.save_pretrained(tmp_path / "again")
+    assert TitansConfig.from_pretrained(tmp_path / "again").mac_memory_input == "attention"
+    assert TitansConfig.from_preset("tiny", variant="mac").mac_memory_input == "residual"
+
+
+@pytest.mark.parametrize("memory_input", ["residual", "normed_attention"])
+def test_mac_with_a_normalised_memory_input_decodes_exactly(memory_input):
+    """The norm acts per token, so prefill + token-by-token decoding over segment boundaries still gives the full
+    forward's logits."""
+    model = tiny_model("mac", mac_memory_input=memory_input)
+    assert all(layer.mixer.memory_input_norm is not None for layer in model.model.layers)
+    input_ids = random_ids(2, 2 * SEGMENT + 5)
+    expected = full_logits(model, input_ids)
+    torch.testing.assert_close(prefill_then_decode(model, input_ids, SEGMENT + 3), expected, rtol=0, atol=1e-4)

@@ -25,8 +25,12 @@ PRESET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")
 # renames the weights of a format-1 checkpoint as it loads.
 # Format 3 added `memory_lr_relative` and `memory_normalize_grad` (on by default); a config of an older format has
 # neither and loads with both off, the inner step its checkpoint was trained with (`OLDER_INNER_STEP`).
-TITANS_FORMAT_VERSION = 3
+# Format 4 added `mac_memory_input` ("residual" by default): a config of an older format has no such field and
+# loads with "attention", the MAC block its checkpoint was trained with (`OLDER_MAC_MEMORY_INPUT`).
+TITANS_FORMAT_VERSION = 4
 OLDER_INNER_STEP = {"memory_lr_relative": False, "memory_normalize_grad": False}
+OLDER_MAC_MEMORY_INPUT = {"mac_memory_input": "attention"}
+MAC_MEMORY_INPUTS = ("residual", "normed_attention", "attention")
 
 
 class TitansConfig(PreTrainedConfig):
@@ -50,6 +54,13 @@ class TitansConfig(PreTrainedConfig):
       weights of its start.
     - `segment_size` (MAC): tokens per attention segment; a multiple of `memory_chunk_size`.
     - `sliding_window` (MAG, MAL): tokens each query sees, itself included.
+    - `mac_memory_input` (MAC): what each segment writes into the neural memory and reads it with (Eqs. 24-25).
+      "residual" (default): RMSNorm(x + y), the block's input plus the attention outputs y, normalised with a
+      learned gain; "normed_attention": RMSNorm(y); "attention": y as it is (the literal Eq. 24, the only choice
+      before config format 4). y alone is a poor memory input: it is an average over the segment, so the
+      vectors of different tokens are nearly parallel and the memory's keys cannot tell them apart (and at
+      initialisation it is ~0.3% of the tokens' scale); with it MAC did not learn the demo's passkey task, nor with
+      RMSNorm(y) (`docs/design.md`, "The blocks").
     - `num_persistent_tokens`: learned attention prefix of every attention layer (Eq. 19).
     - `conv_kernel_size`: causal depthwise convolution on the memory's q, k, v (Sec. 4.4).
     - `memory_lr_max`: cap theta_max of the inner learning rate theta_t = theta_max * sigmoid(.).
@@ -118,11 +129,15 @@ class TitansConfig(PreTrainedConfig):
     use_conv: bool = True
     gate_activation: str = "sigmoid"
     gate_attention_norm: bool = True
+    mac_memory_input: str = "residual"
     titans_format_version: int = TITANS_FORMAT_VERSION
 
     def __post_init__(self, **kwargs):
         if isinstance(self.titans_format_version, int) and self.titans_format_version < 3:
             for field, value in OLDER_INNER_STEP.items():
+                setattr(self, field, value)
+        if isinstance(self.titans_format_version, int) and self.titans_format_version < 4:
+            for field, value in OLDER_MAC_MEMORY_INPUT.items():
                 setattr(self, field, value)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
@@ -195,6 +210,7 @@ class TitansConfig(PreTrainedConfig):
             "segment_size",
             f"must be a multiple of memory_chunk_size={self.memory_chunk_size}",
         )
+        require(self.mac_memory_input in MAC_MEMORY_INPUTS, "mac_memory_input", f"must be one of {MAC_MEMORY_INPUTS}")
         require(self.memory_lr_max > 0, "memory_lr_max", "must be > 0")
         for field in ("memory_forget_init", "memory_momentum_init", "memory_lr_init"):
             require(0.0 < getattr(self, field) < 1.0, field, "must lie strictly between 0 and 1")

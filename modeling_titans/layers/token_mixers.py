@@ -3,7 +3,8 @@
     lmm  MemoryOnly       x + Memory(norm(x))
     mal  MemoryAsLayer    x + Memory(norm(x)), then + SlidingWindowAttn(norm(.))
     mag  MemoryAsGate     x + Gate(SlidingWindowAttn(norm(x)), Memory(norm(x)))
-    mac  MemoryAsContext  x + per segment: h = M_{s-1}(q), y = Attn([persistent, h, segment]), write y, Gate(y, M(y))
+    mac  MemoryAsContext  x + per segment: h = M_{s-1}(q), y = Attn([persistent, h, segment]), write u = norm(x + y),
+                          Gate(y, M(u)) (x: the block's input)
     swa  SlidingWindowAttentionOnly  x + SlidingWindowAttn(norm(x)), no memory (layers of a converted Llama)
 
 A mixer reads the residual stream and returns what it adds to it (the decoder layer adds it, then the MLP). It
@@ -248,15 +249,23 @@ class MemoryAsContext(TokenMixer):
 
         h_j = M*_{s-1}(q_j)                  retrieve, q_j from the segment's own tokens        (Eq. 21)
         y = Attn([persistent, h, segment])   x_j sees the prefix, h_1..h_j and x_1..x_j         (Eqs. 22-23)
-        write y into the memory              chunked, each token reads after its own write      (Eq. 24)
-        o_j = Gate(y_j, M_j*(y_j))                                                              (Eq. 25)
+        write u = RMSNorm(r + y)             chunked, each token reads after its own write      (Eq. 24)
+        o_j = Gate(y_j, M_j*(u_j))                                                              (Eq. 25)
+
+    What the memory writes and reads (`config.mac_memory_input`): "residual" (default) u_j = RMSNorm(r_j + y_j),
+    the block's input r (the residual stream, before the input norm) plus the attention output;
+    "normed_attention" RMSNorm(y_j); "attention" y_j itself, the literal Eq. 24. y alone is an average over the
+    segment (the vectors of different tokens nearly parallel, so the memory's keys cannot tell them apart) and at
+    initialisation ~0.3% of the tokens' scale: the memory stored next to nothing token-specific and MAC did not
+    learn the passkey task, with y or RMSNorm(y). The gate's attention side is y in every case.
     """
 
     description = (
         "**MAC** (memory as a context): each segment attends to learned persistent tokens, to what the neural "
-        "memory retrieves for it, and to itself; the memory is written with the attention outputs"
+        "memory retrieves for it, and to itself; the memory is written with the attention outputs (by default added "
+        "to the block's input and normalised)"
     )
-    config_fields = ("segment_size",)
+    config_fields = ("segment_size", "mac_memory_input")
     has_attention = True
 
     @classmethod
@@ -274,6 +283,12 @@ class MemoryAsContext(TokenMixer):
         self.retrieve_q_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.retrieve_o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.output_gate = TitansOutputGate(config)
+        # Eqs. 24-25: what the memory is written with and read by (`config.mac_memory_input`).
+        self.memory_input_norm = (
+            None
+            if config.mac_memory_input == "attention"
+            else TitansRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        )
 
     def mix(self, hidden_states, tokens, rotary, state: MemoryAsContextState | None, output_attentions):
         x = self.input_layernorm(hidden_states)
@@ -292,12 +307,21 @@ class MemoryAsContext(TokenMixer):
                 segment, segment_tokens, (cos[:, start:end], sin[:, start:end]), attention,
                 memory_tokens=retrieved, output_attentions=output_attentions,
             )
-            remembered, memory = self.memory(attended, segment_tokens, memory)
+            memory_input = self.memory_input(hidden_states[:, start:end], attended)
+            remembered, memory = self.memory(memory_input, segment_tokens, memory)
             outputs.append(self.output_gate(attended, remembered))
             weights.append(segment_weights)
             segment_start = select_rows(segment_tokens.closes_block(segment_size), memory.weights, segment_start)
         weights = torch.cat(weights, dim=2) if output_attentions else None
         return torch.cat(outputs, dim=1), weights, MemoryAsContextState(memory, attention, segment_start)
+
+    def memory_input(self, residual, attended):
+        """What a segment writes into the memory and reads it with, from the block's input (the residual stream)
+        and the attention outputs."""
+        kind = self.config.mac_memory_input
+        if kind == "attention":
+            return attended
+        return self.memory_input_norm(residual + attended if kind == "residual" else attended)
 
 
 # The one table of block kinds: `TitansConfig.mixer_types` names an entry per layer.
