@@ -441,8 +441,8 @@ def layer_weight_names(config: TitansConfig) -> set[str]:
 
 # The renames from each older checkpoint format to the next. Format 1 kept the token mixer's modules directly in
 # the decoder layer and M_0 in the memory module itself; format 2 has today's names (format 3 changed the inner
-# step's config fields only, see `configuration_titans.OLDER_INNER_STEP`; format 4 added MAC's
-# `memory_input_norm`, which a format-3 config leaves out, `OLDER_MAC_MEMORY_INPUT`).
+# step's config fields only; format 4 added MAC's `memory_input_norm`, which an older config leaves out: see
+# `configuration_titans.FORMER_DEFAULTS`).
 LEGACY_WEIGHT_NAMES = {
     1: [
         (

@@ -23,13 +23,15 @@ PRESET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")
 # clear message instead of being loaded with fields this code does not know.
 # Format 2 put each block's token mixer under `layers.N.mixer.` and M_0 under `memory.network.`; `from_pretrained`
 # renames the weights of a format-1 checkpoint as it loads.
-# Format 3 added `memory_lr_relative` and `memory_normalize_grad` (on by default); a config of an older format has
-# neither and loads with both off, the inner step its checkpoint was trained with (`OLDER_INNER_STEP`).
-# Format 4 added `mac_memory_input` ("residual" by default): a config of an older format has no such field and
-# loads with "attention", the MAC block its checkpoint was trained with (`OLDER_MAC_MEMORY_INPUT`).
+# Later formats added fields whose defaults compute something new. A config of an older format has no such field,
+# so it loads with the value that reproduces what its checkpoint was trained with (`FORMER_DEFAULTS`):
+# format 3 added `memory_lr_relative` and `memory_normalize_grad` (on by default; older: the plain inner step),
+# format 4 added `mac_memory_input` ("residual" by default; older: MAC writes its attention outputs as they are).
 TITANS_FORMAT_VERSION = 4
-OLDER_INNER_STEP = {"memory_lr_relative": False, "memory_normalize_grad": False}
-OLDER_MAC_MEMORY_INPUT = {"mac_memory_input": "attention"}
+FORMER_DEFAULTS = {
+    3: {"memory_lr_relative": False, "memory_normalize_grad": False},
+    4: {"mac_memory_input": "attention"},
+}
 MAC_MEMORY_INPUTS = ("residual", "normed_attention", "attention")
 
 
@@ -133,12 +135,10 @@ class TitansConfig(PreTrainedConfig):
     titans_format_version: int = TITANS_FORMAT_VERSION
 
     def __post_init__(self, **kwargs):
-        if isinstance(self.titans_format_version, int) and self.titans_format_version < 3:
-            for field, value in OLDER_INNER_STEP.items():
-                setattr(self, field, value)
-        if isinstance(self.titans_format_version, int) and self.titans_format_version < 4:
-            for field, value in OLDER_MAC_MEMORY_INPUT.items():
-                setattr(self, field, value)
+        for version, former in FORMER_DEFAULTS.items():
+            if isinstance(self.titans_format_version, int) and self.titans_format_version < version:
+                for field, value in former.items():
+                    setattr(self, field, value)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.mixer_types is None:
