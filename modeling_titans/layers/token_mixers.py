@@ -54,10 +54,9 @@ class TitansOutputGate(nn.Module):
 
     def gated(self, attended, remembered, attn_weight, memory_weight):
         """The product before W_O, from the two norms' weights (recomputed in backward)."""
-        eps = self.memory_norm.variance_epsilon
         if attn_weight is not None:
-            attended = rms_norm(attended, attn_weight, eps)
-        return attended * self.activation(rms_norm(remembered, memory_weight, eps))
+            attended = rms_norm(attended, attn_weight, self.attn_norm.variance_epsilon)
+        return attended * self.activation(rms_norm(remembered, memory_weight, self.memory_norm.variance_epsilon))
 
     @torch.no_grad()
     def pass_attention(self):
