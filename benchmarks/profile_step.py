@@ -40,15 +40,17 @@ def training_step(model, ids):
 
 
 def decode_steps(model, ids, steps):
-    """Prefills `ids` now (setup, not profiled) and returns a function that decodes `steps` single tokens."""
+    """Prefills `ids` now (setup, not profiled) and returns a function that decodes `steps` single tokens, without
+    autograd, as `generate()` does."""
     with torch.no_grad():
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        cache = out.cache
+    cache = out.cache
 
-        def run():
-            nonlocal out
-            for _ in range(steps):
-                out = model(input_ids=out.logits[:, -1:].argmax(-1), cache=cache, use_cache=True)
+    @torch.no_grad()
+    def run():
+        nonlocal out
+        for _ in range(steps):
+            out = model(input_ids=out.logits[:, -1:].argmax(-1), cache=cache, use_cache=True)
 
     return run
 

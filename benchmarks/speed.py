@@ -54,6 +54,10 @@ def add_arguments(parser):
         help="none: training only",
     )
     parser.add_argument("--decode-steps", type=int, default=16, help="timed decode steps per context length")
+    parser.add_argument(
+        "--decode-modes", nargs="+", choices=["eager", "compiled"], default=["eager"],
+        help="compiled: time the decoding steps of torch.compile(model)",
+    )
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument(
         "--chunk-sizes", type=int, nargs="+", default=None,
@@ -94,19 +98,23 @@ def cache_bytes(cache) -> int:
 
 
 @torch.no_grad()
-def decode_times(model, name: str, context: int, steps: int, device: str):
-    """Prefills `context` tokens, then times `steps` single-token steps. Returns (prefill watch, per-step ms, bytes)."""
+def decode_times(model, name: str, context: int, steps: int, device: str, step=None, warmup: int = 0):
+    """Prefills `context` tokens with `model`, then runs `warmup` untimed and `steps` timed single-token steps of
+    `step` (default: the model; a compiled model compiles in the warm-up). Returns (prefill watch, per-step ms,
+    bytes)."""
+    step = model if step is None else step
     cache_argument = "past_key_values" if name == "llama" else "cache"
     ids = torch.randint(3, model.config.vocab_size, (1, context), device=device)
     with Stopwatch(device) as prefill:
         out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
     cache = out.past_key_values if name == "llama" else out.cache
     step_ms = []
-    for _ in range(steps):
+    for index in range(warmup + steps):
         next_token = out.logits[:, -1:].argmax(-1)
         with Stopwatch(device) as watch:
-            out = model(input_ids=next_token, use_cache=True, **{cache_argument: cache})
-        step_ms.append((watch.wall * 1e3, watch.cpu * 1e3))
+            out = step(input_ids=next_token, use_cache=True, **{cache_argument: cache})
+        if index >= warmup:
+            step_ms.append((watch.wall * 1e3, watch.cpu * 1e3))
     return prefill, step_ms, cache_bytes(cache)
 
 
@@ -130,11 +138,16 @@ def main():
             row.update(run_in_child(train_step, *step, overrides))
             train_rows.append(row)
             print_table([row], list(row), title=f"train {name} {length}")
-    for name in (name for name in models if name in DECODING_MODELS):
+    for name, mode in ((name, mode) for name in models if name in DECODING_MODELS for mode in args.decode_modes):
         model = build_model(name, args.smoke, args.device).eval()
+        # Compiled: torch.compile of the whole model, traced by the first warm-up steps (dynamic shapes where
+        # they change from step to step: Llama's growing KV cache, Titans' token counters).
+        step, warmup = (torch.compile(model), 4) if mode == "compiled" else (model, 0)
         for context in args.decode_contexts:
-            prefill, step_ms, nbytes = decode_times(model, name, context, args.decode_steps, args.device)
-            row = {"model": name, "context": context}
+            prefill, step_ms, nbytes = decode_times(
+                model, name, context, args.decode_steps, args.device, step=step, warmup=warmup
+            )
+            row = {"model": name, "decode": mode, "context": context}
             row["ms/token"] = statistics.median(wall for wall, _ in step_ms)
             row["ms/token (cpu time)"] = statistics.median(cpu for _, cpu in step_ms)
             row["prefill tok/s"] = context / prefill.wall
@@ -152,6 +165,7 @@ def main():
         "tokens_per_step": args.tokens_per_step,
         "decode_contexts": args.decode_contexts,
         "decode_steps": args.decode_steps,
+        "decode_modes": args.decode_modes,
         "dtype": "float32",
         "parameters": sizes,
         "titans": titans_config("mag", args.smoke).to_dict(),
@@ -172,16 +186,19 @@ def has_titans_pytorch() -> bool:
 def plot(args, models, train_rows, decode_rows):
     fig, (train_ax, peak_ax, decode_ax, cache_ax) = new_figure(ncols=4, width=4.4)
     for name in models:
-        decode = [r for r in decode_rows if r["model"] == name]
         style = dict(marker="o", linestyle="-" if name in VARIANTS else "--")
         for chunk in dict.fromkeys(r.get("chunk") for r in train_rows if r["model"] == name):
             train = [r for r in train_rows if r["model"] == name and r.get("chunk") == chunk and "error" not in r]
             label = name if args.chunk_sizes is None or chunk is None else f"{name}, chunk {chunk}"
             train_ax.plot([r["tokens"] for r in train], [r["tok/s (cpu time)"] for r in train], label=label, **style)
             peak_ax.plot([r["tokens"] for r in train], [r["peak_MiB"] for r in train], label=label, **style)
-        if decode:
-            decode_ax.plot([r["context"] for r in decode], [r["ms/token (cpu time)"] for r in decode], label=name, **style)
-            cache_ax.plot([r["context"] for r in decode], [r["cache_MiB"] for r in decode], label=name, **style)
+        for mode in args.decode_modes:
+            decode = [r for r in decode_rows if r["model"] == name and r["decode"] == mode]
+            label = name if args.decode_modes == ["eager"] else f"{name}, {mode}"
+            mode_style = dict(style, marker="o" if mode == "eager" else "s")
+            decode_ax.plot([r["context"] for r in decode], [r["ms/token (cpu time)"] for r in decode], label=label, **mode_style)
+            if mode == args.decode_modes[0]:
+                cache_ax.plot([r["context"] for r in decode], [r["cache_MiB"] for r in decode], label=name, **style)
     for ax, title, ylabel in (
         (train_ax, f"training, ~{args.tokens_per_step} tokens/step", "tokens/s (fwd+bwd, CPU time)"),
         (peak_ax, "training peak memory", "MiB (activations + gradients)"),
@@ -196,6 +213,8 @@ def plot(args, models, train_rows, decode_rows):
     for ax in (peak_ax, cache_ax):
         ax.set_yscale("log")
     train_ax.legend()
+    if len(args.decode_modes) > 1:
+        decode_ax.legend(fontsize="small")
     save_figure(fig, args, "speed.png")
 
 

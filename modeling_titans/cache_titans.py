@@ -4,8 +4,10 @@ Each decoder layer has one slot, a `TitansLayerCache`, whose `state` belongs to 
 (`layers/token_mixers.py`): the mixer alone reads and replaces it. Depending on the mixer it holds the memory
 (current weights M_t, momentum S_t, the chunk-start weights M_{t'} where gradients are taken, and for MAC the
 weights at the start of the current segment), the tail of the causal convolution, and the attention keys and
-values still visible (the last `sliding_window - 1` tokens, or the current MAC segment). All of it is bounded,
-so the cache has the same size after 100 tokens and after 100,000.
+values still visible (after a multi-token pass the last `sliding_window - 1` tokens, or the current MAC segment;
+while decoding a buffer of one window, or of one segment's retrieved and input tokens, each row writing a new key
+over one it no longer sees). All of it is bounded, so the cache has the same size after 100 tokens and after
+100,000.
 
 Per row the cache also counts the real tokens written so far: chunk and segment boundaries count from each
 row's own first real token, so a left-padded batch gives, row by row, what each prompt gives alone.

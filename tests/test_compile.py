@@ -6,7 +6,7 @@ variant. A graph break is where dynamo falls back to Python, typically at a host
 import pytest
 import torch
 
-from helpers import random_ids, tiny_model
+from helpers import WINDOW, random_ids, tiny_model
 from modeling_titans.configuration.configuration_titans import VARIANTS
 
 pytestmark = pytest.mark.slow  # tracing unrolls every chunk: ~10-60 s per test
@@ -34,3 +34,34 @@ def test_training_step_traces_without_graph_breaks():
     model = tiny_model("mag").train()
     ids = random_ids(2, 8)  # two chunks
     assert graph_breaks(lambda x: model(x, labels=x).loss, ids) == []
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_decoding_step_traces_without_graph_breaks(variant):
+    """A one-token step continuing a cache, before the key buffer is full (appending) and after (overwriting), the
+    second with the attention mask generate() passes: the buffer keeps its shape, so nothing is read from a tensor."""
+    torch._dynamo.reset()
+    model = tiny_model(variant)
+    with torch.no_grad():
+        cache = model(random_ids(2, LENGTH), use_cache=True).cache
+        assert graph_breaks(lambda x: model(x, cache=cache).logits, random_ids(2, 1)) == []
+        for step in range(2 * WINDOW):
+            model(random_ids(2, 1, seed=step), cache=cache)
+        mask = torch.ones(2, cache.get_seq_length() + 1, dtype=torch.long)
+        assert graph_breaks(lambda x, m: model(x, attention_mask=m, cache=cache).logits, random_ids(2, 1), mask) == []
+
+
+def test_compiled_decoding_gives_the_eager_logits():
+    """torch.compile (inductor) of the decoding steps of a MAG model: the same logits as the eager steps, past the
+    point where the key buffer is full and across memory chunks."""
+    torch._dynamo.reset()
+    model = tiny_model("mag")
+    compiled = torch.compile(model)
+    ids = random_ids(2, LENGTH + 3 * WINDOW)
+    with torch.no_grad():
+        eager_cache = model(ids[:, :LENGTH], use_cache=True).cache
+        compiled_cache = model(ids[:, :LENGTH], use_cache=True).cache
+        for t in range(LENGTH, ids.shape[1]):
+            expected = model(ids[:, t : t + 1], cache=eager_cache).logits
+            actual = compiled(ids[:, t : t + 1], cache=compiled_cache).logits
+            torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)

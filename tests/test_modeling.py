@@ -582,6 +582,27 @@ def test_attention_weights_of_cached_steps_are_rows_of_the_full_forward(variant)
             assert weights[:, :, start:end, width:].abs().max() == 0  # nothing later is seen
 
 
+@pytest.mark.parametrize("variant", ["mac", "mag", "mal"])
+def test_decoding_past_a_full_key_buffer_then_continuing_in_parallel_equals_the_full_forward(variant):
+    """Decoding writes new keys over ones no longer seen, so the buffer's columns leave position order; the weights
+    of each step and a later multi-token continuation (which slices and trims that buffer) stay exact."""
+    model = eager_model(variant)
+    prefill, decoded = SEGMENT, 3 * SEGMENT + WINDOW  # the buffer is overwritten several times over
+    input_ids = random_ids(2, prefill + decoded + SEGMENT + 3, seed=5)
+    with torch.no_grad():
+        full = model(input_ids, output_attentions=True)
+        cache = TitansCache(model.config)
+        logits = [model(input_ids[:, :prefill], cache=cache).logits]
+        for t in range(prefill, prefill + decoded):
+            step = model(input_ids[:, t : t + 1], cache=cache, output_attentions=True)
+            logits.append(step.logits)
+            width = len(key_columns(model, range(t + 1)))
+            for layer, weights in enumerate(full.attentions):
+                torch.testing.assert_close(step.attentions[layer], weights[:, :, t : t + 1, :width], rtol=0, atol=1e-5)
+        logits.append(model(input_ids[:, prefill + decoded :], cache=cache).logits)
+    torch.testing.assert_close(torch.cat(logits, dim=1), full.logits, rtol=0, atol=1e-4)
+
+
 def test_attention_weights_of_mac_see_the_prefix_the_retrieved_tokens_and_the_segment():
     model = eager_model("mac")
     persistent = model.config.num_persistent_tokens

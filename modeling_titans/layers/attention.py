@@ -24,15 +24,18 @@ class AttentionKeys:
 
     Rows may sit at different positions; a column that no row still needs is dropped, which keeps the buffer
     within a window or segment (plus the spread between rows). A key's slot is its column in returned attention
-    weights, after the persistent ones (`TitansAttention.forward`).
+    weights, after the persistent ones (`TitansAttention.forward`). `prefix` holds the persistent keys and values
+    once projected: they depend on the weights alone, so one forward pass (every MAC segment) and the decoding
+    steps that continue it project them once.
     """
 
-    def __init__(self, keys, values, positions, valid, slots):
+    def __init__(self, keys, values, positions, valid, slots, prefix=None):
         self.keys = keys  # (batch, kv_heads, length, head_dim), rotary already applied
         self.values = values  # (batch, kv_heads, length, head_dim)
         self.positions = positions  # (batch, length) long
         self.valid = valid  # (batch, length) bool
         self.slots = slots  # (batch, length) long
+        self.prefix = prefix  # None, or the persistent (keys, values), (batch, kv_heads, P, head_dim) each
 
     @classmethod
     def empty(cls, batch_size, kv_heads, head_dim, dtype, device):
@@ -44,13 +47,35 @@ class AttentionKeys:
             torch.zeros(batch_size, 0, dtype=torch.long, device=device),
         )
 
-    def extend(self, keys, values, positions, valid, slots) -> "AttentionKeys":
+    def extend(self, keys, values, positions, valid, slots, prefix=None) -> "AttentionKeys":
+        """These entries followed by the given ones; `prefix` replaces a missing one."""
         return AttentionKeys(
             torch.cat([self.keys, keys], dim=2),
             torch.cat([self.values, values], dim=2),
             torch.cat([self.positions, positions], dim=1),
             torch.cat([self.valid, valid], dim=1),
             torch.cat([self.slots, slots], dim=1),
+            self.prefix if self.prefix is not None else prefix,
+        )
+
+    def put(self, keys, values, positions, valid, slots, first_needed, capacity: int, prefix=None):
+        """A one-token step's new entries (k per row). Below `capacity` columns they are appended; from there on
+        each row writes them over k of its own entries that its query no longer sees (before `first_needed`
+        (batch,) or pads), so the buffer keeps its shape and nothing is read from a tensor (a compiled decoding
+        step stays one graph). Columns are then no longer in position order; attention masks by position.
+        With `capacity` >= the entries one query may see, every row has k such entries."""
+        if self.keys.shape[2] < capacity:
+            return self.extend(keys, values, positions, valid, slots, prefix)
+        unseen = ~(self.valid & (self.positions >= first_needed[:, None]))
+        index = torch.topk(unseen.to(torch.uint8), keys.shape[2], dim=1).indices  # (batch, k) columns to reuse
+        entry_index = index[:, None, :, None].expand(*keys.shape)
+        return AttentionKeys(
+            self.keys.scatter(2, entry_index, keys),
+            self.values.scatter(2, entry_index, values),
+            self.positions.scatter(1, index, positions),
+            self.valid.scatter(1, index, valid),
+            self.slots.scatter(1, index, slots),
+            self.prefix if self.prefix is not None else prefix,
         )
 
     def keep_from(self, first_position: torch.Tensor | int, start: int | None = None) -> "AttentionKeys":
@@ -62,7 +87,7 @@ class AttentionKeys:
         if start is None:
             needed = valid.any(dim=0).nonzero()
             start = int(needed[0]) if len(needed) else valid.shape[1]
-        return AttentionKeys(self.keys, self.values, self.positions, valid, self.slots).tail(start)
+        return AttentionKeys(self.keys, self.values, self.positions, valid, self.slots, self.prefix).tail(start)
 
     def tail(self, start: int) -> "AttentionKeys":
         """The entries from column `start` on."""
@@ -72,6 +97,7 @@ class AttentionKeys:
             self.positions[:, start:],
             self.valid[:, start:],
             self.slots[:, start:],
+            self.prefix,
         )
 
 
@@ -127,6 +153,11 @@ class TitansAttention(nn.Module):
         """First position a query at `positions` may see."""
         raise NotImplementedError
 
+    @property
+    def reach(self) -> int:
+        """The most positions one query may see, itself included."""
+        raise NotImplementedError
+
     def query_block_size(self, seq_len: int) -> int:
         """Queries per block of the forward pass (each block is one attention call against the keys it reaches)."""
         return seq_len
@@ -178,14 +209,19 @@ class TitansAttention(nn.Module):
             keys, values = torch.cat([extra_keys, keys], dim=2), torch.cat([extra_values, values], dim=2)
             positions, valid = positions.repeat(1, 2), valid.repeat(1, 2)
             slots, slots_per_column = torch.cat([2 * slots, 2 * slots + 1], dim=1), 2
-        visible = past.extend(keys, values, positions, valid, slots)  # one copy of the kept keys per call
-        num_slots = slots_per_column * tokens.num_columns
+        prefix = None
+        if self.persistent_tokens is not None and past.prefix is None:
+            prefix = self.prefix(batch_size, x.dtype)
+        if seq_len == 1:  # decoding: a buffer of fixed size, each row overwriting keys it no longer sees
+            capacity = self.reach * keys.shape[2]
+            first_needed = self.window_start(tokens.positions[:, 0])
+            visible = past.put(keys, values, positions, valid, slots, first_needed, capacity, prefix)
+        else:
+            visible = past.extend(keys, values, positions, valid, slots, prefix)  # one copy of the kept keys
 
         interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
-        if self.persistent_tokens is not None:
-            prefix_keys, prefix_values = self.prefix(batch_size, x.dtype)
         block = self.query_block_size(seq_len)
         # A fresh pass without padding: key column c holds position first_position + c (twice over with memory
         # tokens), so the columns each block reaches are known without reading a tensor.
@@ -193,7 +229,7 @@ class TitansAttention(nn.Module):
         outputs, weights = [], []
         for start in range(0, seq_len, block):
             q_pos = tokens.positions[:, start : start + block]
-            if seq_len == 1:  # one query per row: the kept keys are those some row's next query sees, all of them
+            if seq_len == 1:  # one query per row, the whole fixed-size buffer (masked by position)
                 lo, hi = 0, visible.keys.shape[2]
             elif static_first is None:
                 lo, hi = self.reached_columns(visible, q_pos)
@@ -209,7 +245,8 @@ class TitansAttention(nn.Module):
                 & (k_pos[:, None, :] >= self.window_start(q_pos)[:, :, None])
             )
             block_keys, block_values = visible.keys[:, :, lo:hi], visible.values[:, :, lo:hi]
-            if self.persistent_tokens is not None:
+            if visible.prefix is not None:
+                prefix_keys, prefix_values = visible.prefix
                 block_keys = torch.cat([prefix_keys, block_keys], dim=2)
                 block_values = torch.cat([prefix_values, block_values], dim=2)
                 allowed = F.pad(allowed, (prefix_keys.shape[2], 0), value=True)
@@ -229,9 +266,12 @@ class TitansAttention(nn.Module):
             outputs.append(out)
             if output_attentions:
                 query_valid = tokens.valid[:, start : start + block]
+                num_slots = slots_per_column * tokens.num_columns
                 weights.append(slotted_weights(block_weights, visible.slots[:, lo:hi], num_slots, query_valid))
         out = torch.cat(outputs, dim=1).reshape(batch_size, seq_len, -1)
-        if static_first is None:
+        if seq_len == 1:
+            kept = visible
+        elif static_first is None:
             kept = visible.keep_from(self.window_start(tokens.next_position))
         else:  # the next query's window starts at column `first` of each half (none kept when it is past the end)
             next_start = self.window_start(static_first + seq_len)
@@ -251,6 +291,10 @@ class TitansAttention(nn.Module):
 class SlidingWindowAttention(TitansAttention):
     """Each query sees the last `sliding_window` tokens of its row, itself included (MAG, MAL)."""
 
+    @property
+    def reach(self) -> int:
+        return self.config.sliding_window
+
     def window_start(self, positions: torch.Tensor) -> torch.Tensor:
         return positions - self.config.sliding_window + 1
 
@@ -261,6 +305,10 @@ class SlidingWindowAttention(TitansAttention):
 class SegmentAttention(TitansAttention):
     """Each query sees its own segment of `segment_size` tokens up to itself (MAC); the caller hands over one
     segment at a time, so all its queries form one block."""
+
+    @property
+    def reach(self) -> int:
+        return self.config.segment_size
 
     def window_start(self, positions: torch.Tensor) -> torch.Tensor:
         return positions - positions % self.config.segment_size

@@ -74,7 +74,8 @@ class RowPacking:
         as_int = mask.long()
         self.order = None  # order[r, t]: the input column of packed slot t; None: every row is packed already
         self.valid = mask  # (batch, T) bool: real tokens in the packed layout
-        if not all_valid and not bool((as_int.cummin(dim=1).values == as_int).all()):
+        packed = all_valid or mask.shape[1] == 1 or bool((as_int.cummin(dim=1).values == as_int).all())
+        if not packed:
             self.order = torch.argsort(1 - as_int, dim=1, stable=True)
             self.inverse = torch.argsort(self.order, dim=1)
             self.valid = torch.arange(mask.shape[1], device=mask.device) < as_int.sum(dim=1, keepdim=True)
