@@ -22,8 +22,9 @@ from .tokens import TokenInfo
 class AttentionKeys:
     """Keys and values still visible to later queries, each with its absolute position, validity and slot.
 
-    Rows may sit at different positions; a column that no row still needs is dropped, which keeps the buffer
-    within a window or segment (plus the spread between rows). A key's slot is its column in returned attention
+    Rows may sit at different positions. A pass of several tokens drops the columns that no row still needs, which
+    keeps the buffer within a window or segment (plus the spread between rows); a decoding step writes over entries
+    instead (`put`), so the buffer keeps its size. A key's slot is its column in returned attention
     weights, after the persistent ones (`TitansAttention.forward`). `prefix` holds the persistent keys and values
     once projected: they depend on the weights alone, so one forward pass (every MAC segment) and the decoding
     steps that continue it project them once.
