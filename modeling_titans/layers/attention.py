@@ -154,8 +154,8 @@ class TitansAttention(nn.Module):
         """First position a query at `positions` may see."""
         raise NotImplementedError
 
-    @property
-    def reach(self) -> int:
+    @classmethod
+    def reach(cls, config) -> int:
         """The most positions one query may see, itself included."""
         raise NotImplementedError
 
@@ -214,7 +214,7 @@ class TitansAttention(nn.Module):
         if self.persistent_tokens is not None and past.prefix is None:
             prefix = self.prefix(batch_size, x.dtype)
         if seq_len == 1:  # decoding: a buffer of fixed size, each row overwriting keys it no longer sees
-            capacity = self.reach * keys.shape[2]
+            capacity = self.reach(self.config) * keys.shape[2]
             first_needed = self.window_start(tokens.positions[:, 0])
             visible = past.put(keys, values, positions, valid, slots, first_needed, capacity, prefix)
         else:
@@ -292,9 +292,9 @@ class TitansAttention(nn.Module):
 class SlidingWindowAttention(TitansAttention):
     """Each query sees the last `sliding_window` tokens of its row, itself included (MAG, MAL)."""
 
-    @property
-    def reach(self) -> int:
-        return self.config.sliding_window
+    @classmethod
+    def reach(cls, config) -> int:
+        return config.sliding_window
 
     def window_start(self, positions: torch.Tensor) -> torch.Tensor:
         return positions - self.config.sliding_window + 1
@@ -307,9 +307,9 @@ class SegmentAttention(TitansAttention):
     """Each query sees its own segment of `segment_size` tokens up to itself (MAC); the caller hands over one
     segment at a time, so all its queries form one block."""
 
-    @property
-    def reach(self) -> int:
-        return self.config.segment_size
+    @classmethod
+    def reach(cls, config) -> int:
+        return config.segment_size
 
     def window_start(self, positions: torch.Tensor) -> torch.Tensor:
         return positions - positions % self.config.segment_size

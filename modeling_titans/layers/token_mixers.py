@@ -146,7 +146,7 @@ class SlidingWindowMixer(TokenMixer):
 
     @classmethod
     def attention_reach(cls, config) -> int:
-        return config.sliding_window
+        return SlidingWindowAttention.reach(config)
 
     def __init__(self, config, layer_idx: int):
         super().__init__(config, layer_idx)
@@ -269,7 +269,7 @@ class MemoryAsContext(TokenMixer):
 
     @classmethod
     def attention_reach(cls, config) -> int:
-        return config.segment_size
+        return SegmentAttention.reach(config)
 
     @classmethod
     def block_size(cls, config) -> int:
