@@ -196,7 +196,8 @@ def plot(args, models, train_rows, decode_rows):
             decode = [r for r in decode_rows if r["model"] == name and r["decode"] == mode]
             label = name if args.decode_modes == ["eager"] else f"{name}, {mode}"
             mode_style = dict(style, marker="o" if mode == "eager" else "s")
-            decode_ax.plot([r["context"] for r in decode], [r["ms/token (cpu time)"] for r in decode], label=label, **mode_style)
+            times = [r["ms/token (cpu time)"] for r in decode]
+            decode_ax.plot([r["context"] for r in decode], times, label=label, **mode_style)
             if mode == args.decode_modes[0]:
                 cache_ax.plot([r["context"] for r in decode], [r["cache_MiB"] for r in decode], label=name, **style)
     for ax, title, ylabel in (
