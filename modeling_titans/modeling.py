@@ -211,10 +211,16 @@ class TitansModel(TitansPreTrainedModel):
                 inputs_embeds, new_mask, position_ids, cache, output_attentions, output_hidden_states
             )
 
-        # Packed layout: each row's real tokens first, its pads after them. Without a mask, or for one token per row
-        # (a decoding step: a single column is packed, a pad there is masked where it would write), nothing is read
-        # from a tensor to know that (no host sync on the hot path).
-        all_valid = attention_mask is None or (seq_len > 1 and bool(new_mask.all()))
+        # Packed layout: each row's real tokens first, its pads after them. Without a mask nothing is read from a
+        # tensor to know that (no host sync on the hot path). A compiled decoding step does not read its mask either
+        # (a single column is packed, a pad there is masked where it would write), so it traces into one graph;
+        # eager reads it, which skips that masking of the memory's state when no row is a pad.
+        if attention_mask is None:
+            all_valid = True
+        elif seq_len == 1 and torch.compiler.is_compiling():
+            all_valid = False
+        else:
+            all_valid = bool(new_mask.all())
         packing = RowPacking(new_mask, all_valid)
         hidden_states = packing.pack(inputs_embeds)
         columns = torch.arange(seq_len, device=seen.device).expand(batch_size, -1)
