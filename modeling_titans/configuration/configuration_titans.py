@@ -1,6 +1,6 @@
 """Titans model configuration.
 
-`docs/design.md` explains every Titans field; the paper's model sizes are presets (`TitansConfig.from_preset("170m")`).
+`docs/architecture.md` explains every Titans field; the paper's model sizes are presets (`TitansConfig.from_preset("170m")`).
 """
 
 import json
@@ -62,7 +62,7 @@ class TitansConfig(PreTrainedConfig):
       before config format 4). y alone is a poor memory input: it is an average over the segment, so the
       vectors of different tokens are nearly parallel and the memory's keys cannot tell them apart (and at
       initialisation it is ~0.3% of the tokens' scale); with it MAC did not learn the demo's passkey task, nor with
-      RMSNorm(y) (`docs/design.md`, "The blocks").
+      RMSNorm(y) (`docs/architecture.md`, "The blocks").
     - `num_persistent_tokens`: learned attention prefix of every attention layer (Eq. 19).
     - `conv_kernel_size`: causal depthwise convolution on the memory's q, k, v (Sec. 4.4).
     - `memory_lr_max`: cap theta_max of the inner learning rate theta_t = theta_max * sigmoid(.).
@@ -73,7 +73,7 @@ class TitansConfig(PreTrainedConfig):
       theta_max <= ~0.02 there.
     - `memory_normalize_grad` (default True): every token's inner gradient is divided by max(1, its curvature
       along itself), a normalised LMS step; without it the deep memory's LayerNorm makes that curvature ~10-100
-      and the outer training diverges (`docs/design.md`, "The inner step").
+      and the outer training diverges (`docs/architecture.md`, "The inner step").
     - `memory_forget_init`, `memory_momentum_init`, `memory_lr_init`: initial values of alpha, eta and
       theta / theta_max; they set the gate biases.
     - `memory_gates_from_input` (default True): alpha_t, eta_t and theta_t are computed from each token; False

@@ -161,7 +161,7 @@ class TitansNeuralMemory(nn.Module):
 
         theta_t = theta_max sigmoid(.), divided by the chunk's gain chunk_size / (1 - eta_t) when
         `memory_lr_relative`: theta_max is then in units of the chunked inner loop's stability bound, whatever the
-        momentum and the chunk size (`docs/design.md`, "The inner step")."""
+        momentum and the chunk size (`docs/architecture.md`, "The inner step")."""
         x = x.to(compute_dtype(x.dtype))  # an adapter on a gate sees the fp32 input too
 
         def logits(gate):  # (batch, heads, T) or (layers, batch, heads, T)

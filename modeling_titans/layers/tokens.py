@@ -3,7 +3,7 @@
 Inside the model every row is "packed": its real tokens come first, in order, and its pads after them (left
 padding, right padding, or pads between real tokens alike). Positions count real tokens only, so pads never write
 into the memory nor take attention, and every chunk and segment boundary counts from the row's own first real
-token (`docs/design.md`, padding). `RowPacking` moves rows into that layout and back.
+token (`docs/architecture.md`, padding). `RowPacking` moves rows into that layout and back.
 """
 
 from __future__ import annotations

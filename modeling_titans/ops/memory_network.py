@@ -1,7 +1,7 @@
 """The memory network: the small MLP that every head of a neural memory trains while the model reads.
 
 Paper: Behrouz, Zhong, Mirrokni, "Titans: Learning to Memorize at Test Time", arXiv 2501.00663 (v1 equation
-numbers). `docs/design.md` explains each choice made here.
+numbers). `docs/architecture.md` explains each choice made here.
 
     depth 1        M(x) = x W                                           (a matrix memory, App. C)
     depth L >= 2   M(x) = x + LN(W_L gelu(... gelu(x W_1)))             (Sec. 3.1; NeurIPS Sec. 3.3)
@@ -12,7 +12,7 @@ weight matrices are the only fast weights. Weights are stored per layer as (...,
 row vectors (x @ W).
 
 With `normalize_gradient`, every token's gradient u_i (all layers together) is divided by max(1, lambda_i), the
-curvature of the inner loss along u_i itself (a normalised LMS step; `docs/design.md`, "The inner step"):
+curvature of the inner loss along u_i itself (a normalised LMS step; `docs/architecture.md`, "The inner step"):
 
     lambda_i = ||u_i||^2 / ||M(k_i) - v_i||^2,      u_i <- u_i / max(1, lambda_i)
 

@@ -2,7 +2,7 @@
 decoding step, for any `MemoryMLP`.
 
 Paper: Behrouz, Zhong, Mirrokni, "Titans: Learning to Memorize at Test Time", arXiv 2501.00663 (v1 equation
-numbers); `docs/design.md` explains the choices. Every token writes into the memory and then reads it:
+numbers); `docs/architecture.md` explains the choices. Every token writes into the memory and then reads it:
 
     surprise    S_t = eta_t S_{t-1} - theta_t grad l(M_{t'}; k_t, v_t)    (Eq. 14)
     forgetting  M_t = (1 - alpha_t) M_{t-1} + S_t                         (Eq. 13)
