@@ -85,11 +85,14 @@ def test_speed_rows_cover_models_and_lengths(tmp_path):
     assert len(titans) == 1
 
 
-def test_speed_trains_each_chunk_size(tmp_path):
-    results = run_smoke("speed", ["--models", "lmm", "llama", "--chunk-sizes", "2", "8"], tmp_path)
+def test_speed_trains_each_chunk_size_without_decoding(tmp_path):
+    """The chunk-size sweep is a training-only run (`--decode-contexts` with no value); its plot must still work."""
+    args = ["--models", "lmm", "llama", "--chunk-sizes", "2", "8", "--decode-contexts"]
+    results = run_smoke("speed", args, tmp_path)
     lengths = results["config"]["train_lengths"]
     train = {(r["model"], r.get("chunk"), r["tokens"]) for r in results["rows"]}
     assert train == {("lmm", c, n) for c in (2, 8) for n in lengths} | {("llama", None, n) for n in lengths}
+    assert results["decode"] == []
 
 
 def test_stability_reports_finite_bounded_state(tmp_path):
