@@ -8,7 +8,8 @@
   length reuses them.
 - A task (`modeling_titans.tasks`): `TaskDataset` generates example i on demand from (task, split, seed, i), so
   any number of training examples costs no memory and a resumed run sees the same examples at the same steps.
-  A sequence is `<s> prompt answer </s>`, exactly `seq_len` tokens with the byte tokenizer. By default the loss
+  A sequence is `<s> prompt answer </s>`, exactly `seq_len` tokens with the byte tokenizer (right-padded with
+  others; `collate_without_trailing_padding` drops the columns a batch does not use). By default the loss
   is on the answer and the closing `</s>` only (`loss_on="answer"`): the prompt's filler is unpredictable by
   design, and a loss on it mostly teaches the filler's grammar, so recall is learned in fewer steps with the
   loss on the answer. `loss_on="all"` puts the loss on every token.
@@ -17,6 +18,7 @@
 import os
 
 import torch
+from transformers import default_data_collator
 
 from .tasks import generate_example
 
@@ -230,10 +232,32 @@ class TaskDataset(torch.utils.data.Dataset):
         return encode_example(self.example(index), self.tokenizer, self.seq_len, self.loss_on)
 
 
+def collate_without_trailing_padding(features) -> dict:
+    """`default_data_collator`, then the columns at the right end that are padding in every row (attention mask 0,
+    no loss) dropped. A task example is right-padded to `seq_len` tokens, and with a tokenizer of multi-byte
+    tokens most of a row is padding (SmolLM2's tokens average ~4.5 characters, so a 2050-character passkey example
+    fills ~460 of 2050 tokens); those columns would cost a full forward and backward and change nothing: the
+    model is causal, so no real token sees them, and they carry no loss."""
+    batch = default_data_collator(features)
+    mask = batch.get("attention_mask")
+    if mask is None or mask.dim() != 2:
+        return batch
+    padding = (mask == 0) & (batch["labels"] == IGNORE_INDEX) if "labels" in batch else mask == 0
+    kept_columns = (~padding.all(dim=0)).nonzero()
+    if len(kept_columns) == 0:
+        return batch
+    length = int(kept_columns[-1]) + 1
+    return {
+        key: value[:, :length] if torch.is_tensor(value) and value.dim() == 2 and value.shape == mask.shape else value
+        for key, value in batch.items()
+    }
+
+
 __all__ = [
     "DataError",
     "IGNORE_INDEX",
     "TaskDataset",
+    "collate_without_trailing_padding",
     "encode_example",
     "hold_out",
     "load_text_dataset",

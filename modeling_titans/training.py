@@ -22,9 +22,9 @@ import tempfile
 import time
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from .data import DataError, TaskDataset, hold_out, load_text_dataset, pack_dataset
+from .data import DataError, TaskDataset, collate_without_trailing_padding, hold_out, load_text_dataset, pack_dataset
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE_NAME = "trainer_state.json"
@@ -126,7 +126,7 @@ def train(model, tokenizer, train_dataset, eval_dataset, args, resume_from_check
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        data_collator=default_data_collator,
+        data_collator=collate_without_trailing_padding,
         callbacks=list(callbacks),
     )
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)

@@ -6,11 +6,13 @@ import json
 
 import pytest
 import torch
+from helpers import tiny_model
 
 from modeling_titans.data import (
     IGNORE_INDEX,
     DataError,
     TaskDataset,
+    collate_without_trailing_padding,
     encode_example,
     hold_out,
     load_text_dataset,
@@ -149,3 +151,22 @@ def test_task_dataset_generates_example_i_on_demand(tokenizer):
         assert torch.equal(dataset[index]["input_ids"], encode_example(example, tokenizer, 260)["input_ids"])
     with pytest.raises(ValueError, match="too short for the babi task"):
         TaskDataset("babi", "train", 10, 100, tokenizer)
+
+
+@pytest.mark.parametrize("variant", ["mag", "mac"])
+def test_the_collator_drops_columns_that_are_padding_in_every_row_and_keeps_the_loss(tokenizer, variant):
+    # Two examples shorter than the sequence (as with a tokenizer of multi-byte tokens): the batch keeps the
+    # columns up to the longer one's last token, and the model's loss is the same as on the fully padded batch.
+    examples = [generate_examples("passkey", "train", 2, length, seed=3)[0] for length in (170, 210)]
+    features = [encode_example(example, tokenizer, 260) for example in examples]
+    collated = collate_without_trailing_padding(features)
+    assert {key: tuple(value.shape) for key, value in collated.items()} == {
+        key: (2, 212) for key in ("input_ids", "attention_mask", "labels")
+    }
+    assert collated["attention_mask"].sum(dim=1).tolist() == [172, 212]
+    padded = {key: torch.stack([feature[key] for feature in features]) for key in features[0]}
+    model = tiny_model(variant).double()
+    assert torch.allclose(model(**collated).loss, model(**padded).loss, rtol=1e-12, atol=0)
+    assert collate_without_trailing_padding(features[1:])["input_ids"].shape == (1, 212)
+    full = [encode_example(example, tokenizer, length + 2) for example, length in zip(examples, (170, 210))]
+    assert collate_without_trailing_padding(full[1:])["input_ids"].shape == (1, 212)  # nothing to drop
