@@ -2,7 +2,9 @@
 bits per byte on text. Used by `titans eval`, `titans demo` and the benchmarks.
 
 - `task_accuracy`: greedy answers to test examples of one context length and needle distance, in left-padded
-  batches; an answer counts when the generated text starts with it (`tasks.answer_is_correct`).
+  batches; an answer counts when the generated text starts with it (`tasks.answer_is_correct`). The tasks measure
+  lengths and distances in characters, which are tokens for the byte tokenizer; for any other tokenizer the
+  result also says how many tokens the needle really lies back (`needle_distance_tokens`).
 - `text_bits_per_byte`: the text cut into sequences of `seq_len` tokens, each scored from a fresh state (a
   Titans memory starts at M_0), loss summed over every predicted token that stands for text (special tokens such
   as `</s>` are context, not scored) and divided by the UTF-8 bytes those tokens stand for. Bits per byte
@@ -82,15 +84,27 @@ def task_accuracy(
         for example, text in zip(examples, answers)
     ]
     correct = sum(record["correct"] for record in records)
+    token_distances = [tokens_after_needle(tokenizer, example) for example in examples]
     return {
         "length": length,
         "needle_distance": distance,
+        "needle_distance_tokens": round(sum(token_distances) / len(token_distances), 1),
         "correct": correct,
         "total": len(records),
         "accuracy": correct / len(records),
         "digit_accuracy": sum(digits_right(r["answer"], r["generated"]) for r in records) / len(records),
         "examples": records,
     }
+
+
+def tokens_after_needle(tokenizer, example) -> int:
+    """How many tokens of `example`'s prompt follow its needle: the needle distance in the tokenizer's tokens (the
+    task's `needle_distance` counts characters). The prompt is tokenized whole and without its tail, so a token
+    that straddles the needle's end counts as after it."""
+    def count(text):
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    return count(example.prompt) - count(example.prompt[: example.needle_end])
 
 
 def token_bytes(tokenizer) -> torch.Tensor:

@@ -80,6 +80,8 @@ def test_eval_scores_greedy_answers(trained, tmp_path, capsys, memory):
     report = json.loads(report_path.read_text())
     assert report["memory"] is memory
     assert [(cell["length"], cell["needle_distance"]) for cell in report["results"]] == [(240, 45), (240, 90)]
+    assert [cell["needle_distance_tokens"] for cell in report["results"]] == [45, 90]  # byte tokenizer
+    assert re.search(r"240 +45 +45 +\d+\.\dx", table)  # distance, the same in tokens, and over the window
 
     # The same answers, one prompt at a time without padding, straight from generate(); the batch may have
     # decoded a few tokens more (for its longest answer), never others.

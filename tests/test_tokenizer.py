@@ -14,6 +14,8 @@ from transformers import AutoTokenizer, pipeline
 
 from modeling_titans import TitansByteTokenizer, TitansConfig, TitansForCausalLM
 from modeling_titans.cli import main as titans_cli
+from modeling_titans.evaluation import tokens_after_needle
+from modeling_titans.tasks import generate_examples
 
 PAD, BOS, EOS = 0, 1, 2
 
@@ -233,6 +235,18 @@ def test_bpe_splits_digits_one_per_token(bpe_dir):
     tokens = bpe.convert_ids_to_tokens(bpe(text, add_special_tokens=False)["input_ids"])
     digit_tokens = [token for token in tokens if any(char.isdigit() for char in token)]
     assert digit_tokens == [char for char in text if char.isdigit()]
+
+
+@pytest.mark.parametrize("task", ["passkey", "babi"])
+def test_needle_distance_in_tokens(bpe_dir, tokenizer, task):
+    """The tasks count characters; `titans eval` reports how many of the model's tokens follow the needle: with
+    BPE, the tokens whose characters end after the needle's end (from the whole prompt's offsets)."""
+    bpe = AutoTokenizer.from_pretrained(bpe_dir)
+    for example in generate_examples(task, "test", 3, 400, needle_distance=150):
+        offsets = bpe(example.prompt, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        after_needle = sum(end > example.needle_end for _, end in offsets)
+        assert tokens_after_needle(bpe, example) == after_needle < example.needle_distance
+        assert tokens_after_needle(tokenizer, example) == example.needle_distance  # one byte, one token
 
 
 def test_bpe_tokenizer_with_matching_model(bpe_dir):

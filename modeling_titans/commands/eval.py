@@ -5,9 +5,11 @@
     titans eval runs/book --text-file held_out.txt --lengths 512,2048   # bits per byte at each context length
 
 Task mode: exact-match accuracy of greedy answers per context length and needle distance (see
-`modeling_titans.evaluation.task_accuracy`). A context length is a full sequence `<s> prompt answer </s>` in
-tokens, as `titans train --seq-len` counts it; the needle distance is how many tokens before the last prompt token
-the needle ends; by default three distances per length, from the shortest to the longest the length allows.
+`modeling_titans.evaluation.task_accuracy`). A context length is a full sequence `<s> prompt answer </s>` as
+`titans train --seq-len` counts it; the needle distance is how far before the last prompt character the needle
+ends; by default three distances per length, from the shortest to the longest the length allows. The tasks count
+characters, which are tokens for the byte tokenizer; the table's `tokens` column is the mean distance in the
+model's own tokens, and `/ window` divides that by the attention window.
 Text mode (`--text-file`): bits per byte and perplexity, the text cut into sequences of each length, every
 sequence scored from a fresh memory. `--no-memory` calls `model.set_memory_writes(False)`: the neural memory
 stops learning at test time, which leaves only what attention sees (the ablation that shows what the memory adds).
@@ -140,17 +142,18 @@ def answer_task(model, tokenizer, task: str, cells, args) -> list[dict]:
     window = attention_reach(model.config) if getattr(model.config, "model_type", None) == "titans" else None
     memory = "off (--no-memory)" if args.no_memory else "on"
     print(f"\n{task} ({args.split} split), memory {memory}, {args.model_dir}")
-    header = f"{'length':>8} {'distance':>9} {'/ window':>9} {'accuracy':>9}  correct"
+    header = f"{'length':>8} {'distance':>9} {'tokens':>8} {'/ window':>9} {'accuracy':>9}  correct"
     print(header)
     print("-" * len(header))
     for cell in results:
-        ratio = f"{cell['needle_distance'] / window:.1f}x" if window else "-"
+        tokens = cell["needle_distance_tokens"]
+        ratio = f"{tokens / window:.1f}x" if window else "-"
         print(
-            f"{cell['length']:>8} {cell['needle_distance']:>9} {ratio:>9} {cell['accuracy']:>8.1%}  "
+            f"{cell['length']:>8} {cell['needle_distance']:>9} {tokens:>8.0f} {ratio:>9} {cell['accuracy']:>8.1%}  "
             f"{cell['correct']}/{cell['total']}"
         )
     correct, total = sum(c["correct"] for c in results), sum(c["total"] for c in results)
-    print(f"{'all':>8} {'':>9} {'':>9} {correct / total:>8.1%}  {correct}/{total}")
+    print(f"{'all':>8} {'':>9} {'':>8} {'':>9} {correct / total:>8.1%}  {correct}/{total}")
     return results
 
 
