@@ -72,6 +72,7 @@ def test_inspect_command_marks_the_needle(tmp_path, capsys):
     start, end = report["marks"]["needle"]
     trace_tokens = len(report["layers"][0]["surprise"])
     assert 0 < start < end < report["marks"]["question"][0] < trace_tokens
+    assert f"needle {trace_tokens - end} tokens before the end" in report["title"]
     assert {row["region"] for row in report["region_means"]} == {"needle", "question", "rest"}
     assert "needle" in (out / "memory_trace.html").read_text()
 

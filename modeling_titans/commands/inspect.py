@@ -62,7 +62,8 @@ def run(args) -> int:
         question = len(bos) + len(tokenizer(example.prompt.rsplit("\n", 1)[0], add_special_tokens=False)["input_ids"])
         marks = {"needle": (start, end), "question": (question, len(bos) + len(prompt_ids))}
         ids = bos + prompt_ids
-        title = f"{args.model_dir}: {task}, {len(ids)} tokens, needle {example.needle_distance} tokens before the end"
+        needle_back = len(bos) + len(prompt_ids) - end  # tokens after the needle
+        title = f"{args.model_dir}: {task}, {len(ids)} tokens, needle {needle_back} tokens before the end"
     else:
         from ..data import load_text_dataset
 

@@ -55,7 +55,10 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     task: str | None = field(default=None, metadata={"help": f"built-in task: passkey, recall or babi (default {DEFAULT_TASK})"})
-    needle_distance: int | None = field(default=None, metadata={"help": "task needle distance in tokens (default: random)"})
+    needle_distance: int | None = field(
+        default=None,
+        metadata={"help": "task needle distance in characters, tokens of the byte tokenizer (default: random)"},
+    )
     loss_on: Literal["answer", "all"] = field(default="answer", metadata={"help": "task tokens with loss"})
     eval_examples: int = field(default=32, metadata={"help": "task validation examples"})
     train_file: list[str] = field(default_factory=list, metadata={"help": "text files: .txt (one document) or .jsonl"})
