@@ -175,9 +175,12 @@ class TitansCache(Cache):
     def crop(self, tokens_to_remove: int):
         raise ValueError("TitansCache cannot be cropped: the neural memory has no way to forget a written token.")
 
-    def activate_past_recording(self):
+    def activate_past_recording(self, **kwargs):
+        # Assisted generation (an assistant model, prompt lookup) asks every cache to record its past so that
+        # rejected draft tokens can be rolled back; a memory that has learned from a token cannot unlearn it.
         raise ValueError(
-            "TitansCache cannot record past states for rollback, so Titans models cannot serve as assistant models."
+            "TitansCache cannot record past states for rollback, so Titans models cannot take part in assisted "
+            "generation (as the model or as its assistant)."
         )
 
     def memory_bytes(self) -> int:
