@@ -240,17 +240,14 @@ def collate_without_trailing_padding(features) -> dict:
     model is causal, so no real token sees them, and they carry no loss."""
     batch = default_data_collator(features)
     mask = batch.get("attention_mask")
-    if mask is None or mask.dim() != 2:
+    if mask is None:
         return batch
     padding = (mask == 0) & (batch["labels"] == IGNORE_INDEX) if "labels" in batch else mask == 0
     kept_columns = (~padding.all(dim=0)).nonzero()
     if len(kept_columns) == 0:
         return batch
     length = int(kept_columns[-1]) + 1
-    return {
-        key: value[:, :length] if torch.is_tensor(value) and value.dim() == 2 and value.shape == mask.shape else value
-        for key, value in batch.items()
-    }
+    return {key: value[:, :length] if value.shape == mask.shape else value for key, value in batch.items()}
 
 
 __all__ = [
