@@ -22,6 +22,7 @@ import os
 from transformers import pipeline, set_seed
 
 from .checkpoints import load_model_and_tokenizer
+from .configuration import TitansConfig
 from .evaluation import sequence_length_for, task_accuracy
 from .layers.token_mixers import attention_reach
 from .modeling import TitansForCausalLM
@@ -31,6 +32,20 @@ from .training import train_on_tasks
 TASK = "passkey"
 WINDOW_MULTIPLES = (8, 16)  # test needle distances, in attention reaches
 RESULTS_NAME = "demo_results.json"
+DEMO_PRESET = "demo"
+# Fields a variant changes in the demo preset. The preset's inner learning rate (relative theta_max 1.5) teaches MAG
+# the task in its budget; MAC needs a larger inner step: at 1.5 it stays near chance, at 2.0 it learns the task
+# (benchmarks/README.md, "The demo's recipe for each variant").
+DEMO_VARIANT_FIELDS = {"mac": {"memory_lr_max": 2.0}}
+
+
+def demo_config(preset: str = DEMO_PRESET, variant: str | None = None):
+    """The demo's model: `preset` with `variant` (default: the preset's); the demo preset also gets the fields
+    that variant needs to learn the task (`DEMO_VARIANT_FIELDS`). ValueError for an unknown preset or variant."""
+    fields = {} if variant is None else {"variant": variant}
+    if preset == DEMO_PRESET:
+        fields.update(DEMO_VARIANT_FIELDS.get(variant, {}))
+    return TitansConfig.from_preset(preset, **fields)
 
 
 def train_on_passkey(config, tokenizer, seq_lens, seed, memory_writes=True, **recipe):

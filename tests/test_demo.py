@@ -108,3 +108,17 @@ def test_phase_steps_cover_all_steps():
 def test_bad_arguments_are_one_line_errors(flags, message, capsys, tmp_path):
     assert main(["demo", "--output-dir", str(tmp_path), *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_demo_config_gives_mac_the_larger_inner_rate_of_the_demo_preset_only():
+    from modeling_titans.configuration import TitansConfig
+    from modeling_titans.demo import demo_config
+
+    preset = TitansConfig.from_preset("demo")
+    assert demo_config().to_dict() == preset.to_dict()
+    assert demo_config(variant="mag").memory_lr_max == preset.memory_lr_max
+    mac = demo_config(variant="mac")
+    assert (mac.variant, mac.memory_lr_max) == ("mac", 2.0) and preset.memory_lr_max < 2.0
+    assert demo_config("tiny", "mac").memory_lr_max == TitansConfig.from_preset("tiny").memory_lr_max
+    with pytest.raises(ValueError, match="variant"):
+        demo_config(variant="xyz")

@@ -59,14 +59,13 @@ def run(args) -> int:
     import torch
     from transformers.utils import logging as transformers_logging
 
-    from ..configuration import TitansConfig
-    from ..demo import RESULTS_NAME, print_summary, run_demo
+    from ..demo import RESULTS_NAME, demo_config, print_summary, run_demo
     from ..tokenization import TitansByteTokenizer
 
     torch.set_num_threads(args.threads)
     started = time.time()
     try:
-        config = TitansConfig.from_preset(args.preset, **({"variant": args.variant} if args.variant else {}))
+        config = demo_config(args.preset, args.variant)
     except ValueError as error:
         raise CommandError(str(error)) from error
     transformers_logging.disable_progress_bar()  # no "Writing model shards" bars between the demo's tables
