@@ -65,3 +65,25 @@ def test_compiled_decoding_gives_the_eager_logits():
             expected = model(ids[:, t : t + 1], cache=eager_cache).logits
             actual = compiled(ids[:, t : t + 1], cache=compiled_cache).logits
             torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
+
+
+def test_compiled_training_step_gives_the_eager_loss_and_gradients():
+    """torch.compile (inductor) of a training step of a MAG model with persistent tokens (whose attention masks once
+    hit an inductor code-generation error on CPU): the eager loss and parameter gradients."""
+    torch._dynamo.reset()
+    model = tiny_model("mag").train()
+    assert model.config.num_persistent_tokens > 0
+    ids = random_ids(2, 8)  # two chunks
+
+    def loss_and_gradients(step):
+        model.zero_grad(set_to_none=True)
+        loss = step(ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    expected_loss, expected_grads = loss_and_gradients(model)
+    actual_loss, actual_grads = loss_and_gradients(torch.compile(model))
+    torch.testing.assert_close(actual_loss, expected_loss, rtol=0, atol=1e-5)
+    assert actual_grads.keys() == expected_grads.keys()
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(actual_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)

@@ -250,9 +250,10 @@ class TitansAttention(nn.Module):
                 prefix_keys, prefix_values = visible.prefix
                 block_keys = torch.cat([prefix_keys, block_keys], dim=2)
                 block_values = torch.cat([prefix_values, block_values], dim=2)
+                # Every query sees the prefix. (Checking anyway made inductor emit C++ that does not compile on CPU.)
                 allowed = F.pad(allowed, (prefix_keys.shape[2], 0), value=True)
-            # A query with nothing to see (padding without a prefix) sees everything; its output is unused.
-            allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
+            else:  # a query with nothing to see (padding) sees everything; its output is unused
+                allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
             mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device)
             mask = mask.masked_fill(~allowed, torch.finfo(x.dtype).min).unsqueeze(1)
             out, block_weights = interface(
