@@ -60,22 +60,30 @@ def add_arguments(parser):
     )
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument(
+        "--scan-modes", nargs="+", choices=["eager", "compiled"], default=["eager"],
+        help="compiled: train the Titans variants with model.set_memory_scan_compiled() (per-chunk steps compiled)",
+    )
+    parser.add_argument(
         "--chunk-sizes", type=int, nargs="+", default=None,
         help="train the Titans variants at each of these memory chunk sizes (default: the config's)",
     )
 
 
-def train_step(name, length, batch_size, warmup_length, smoke, device, threads, overrides, results):
+def train_step(name, length, batch_size, warmup_length, smoke, device, threads, overrides, compiled_scan, results):
     """Child process: one warm-up step at `warmup_length`, then one timed forward + backward of `batch_size`
-    sequences of `length` tokens; puts tok/s, the step time and the peak memory growth on `results`."""
+    sequences of `length` tokens; puts tok/s, the step time and the peak memory growth on `results`. With
+    `compiled_scan` the warm-up step has the timed step's shape (it compiles for that shape)."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = build_model(name, smoke, device, **overrides).train()
+    if compiled_scan:
+        model.set_memory_scan_compiled(True)
     vocab = (SMOKE_BACKBONE if smoke else BACKBONE)["vocab_size"]
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     before = peak_bytes(device)
-    warmup = torch.randint(3, vocab, (1, warmup_length), device=device)
+    warmup_shape = (batch_size, length) if compiled_scan else (1, warmup_length)
+    warmup = torch.randint(3, vocab, warmup_shape, device=device)
     training_loss(model, name, warmup).backward()  # allocator, kernels
     model.zero_grad(set_to_none=True)
     input_ids = torch.randint(3, vocab, (batch_size, length), device=device)
@@ -129,14 +137,16 @@ def main():
     for name in models:
         sizes[name] = count_parameters(build_model(name, args.smoke, "cpu"))  # "meta" would untie embeddings
         chunks = args.chunk_sizes if name in VARIANTS and args.chunk_sizes else [default_chunk]
-        for chunk, length in ((chunk, length) for chunk in chunks for length in args.train_lengths):
+        scan_modes = args.scan_modes if name in VARIANTS else ["eager"]
+        cells = ((chunk, mode, length) for chunk in chunks for mode in scan_modes for length in args.train_lengths)
+        for chunk, mode, length in cells:
             batch_size = max(1, args.tokens_per_step // length)
             row = {"model": name, "params_M": sizes[name] / 1e6, "tokens": length, "batch": batch_size}
             if name in VARIANTS:
-                row["chunk"] = chunk
+                row.update(chunk=chunk, scan=mode)
             overrides = {"memory_chunk_size": chunk} if name in VARIANTS else {}
             step = (name, length, batch_size, min(args.train_lengths), args.smoke, args.device, args.threads)
-            row.update(run_in_child(train_step, *step, overrides))
+            row.update(run_in_child(train_step, *step, overrides, mode == "compiled"))
             train_rows.append(row)
             print_table([row], list(row), title=f"train {name} {length}")
     for name, mode in ((name, mode) for name in models if name in DECODING_MODELS for mode in args.decode_modes):
@@ -157,7 +167,10 @@ def main():
             print_table([row], list(row), title=f"decode {name} {context}")
         del model
 
-    train_columns = ["model", "chunk", "params_M", "tokens", "batch", "tok/s", "tok/s (cpu time)", "step_s", "peak_MiB", "error"]
+    train_columns = [
+        "model", "chunk", "scan", "params_M", "tokens", "batch", "tok/s", "tok/s (cpu time)", "step_s", "peak_MiB",
+        "error",
+    ]
     print_table(train_rows, train_columns, title="Training (forward + backward)")
     if decode_rows:
         print_table(decode_rows, list(decode_rows[0]), title="Decoding (one token after `context` tokens)")
@@ -167,6 +180,7 @@ def main():
         "decode_contexts": args.decode_contexts,
         "decode_steps": args.decode_steps,
         "decode_modes": args.decode_modes,
+        "scan_modes": args.scan_modes,
         "dtype": "float32",
         "parameters": sizes,
         "titans": titans_config("mag", args.smoke).to_dict(),
@@ -188,9 +202,13 @@ def plot(args, models, train_rows, decode_rows):
     fig, (train_ax, peak_ax, decode_ax, cache_ax) = new_figure(ncols=4, width=4.4)
     for name in models:
         style = dict(marker="o", linestyle="-" if name in VARIANTS else "--")
-        for chunk in dict.fromkeys(r.get("chunk") for r in train_rows if r["model"] == name):
-            train = [r for r in train_rows if r["model"] == name and r.get("chunk") == chunk and "error" not in r]
+        for chunk, scan in dict.fromkeys((r.get("chunk"), r.get("scan")) for r in train_rows if r["model"] == name):
+            train = [
+                r for r in train_rows
+                if r["model"] == name and (r.get("chunk"), r.get("scan")) == (chunk, scan) and "error" not in r
+            ]
             label = name if args.chunk_sizes is None or chunk is None else f"{name}, chunk {chunk}"
+            label += f", {scan} scan" if scan and args.scan_modes != ["eager"] else ""
             train_ax.plot([r["tokens"] for r in train], [r["tok/s (cpu time)"] for r in train], label=label, **style)
             peak_ax.plot([r["tokens"] for r in train], [r["peak_MiB"] for r in train], label=label, **style)
         for mode in args.decode_modes:

@@ -141,6 +141,16 @@ class TitansModel(TitansPreTrainedModel):
             if layer.mixer.has_memory:
                 layer.mixer.memory.writes_enabled = enabled
 
+    def set_memory_scan_compiled(self, enabled: bool = True):
+        """Runs the per-chunk steps of every layer's memory scan (training and prefill; not the one-token decoding
+        step) through `torch.compile`: the same numbers, ~1.5x the training speed of the model on CPU (the op's
+        elementwise passes over the memory state fuse), after a compilation of ~30 s on first use. Compiling the
+        whole model instead (`torch.compile(model)`) unrolls the scan's chunk loop, which compiles for many minutes
+        at each training length."""
+        for layer in self.layers:
+            if layer.mixer.has_memory:
+                layer.mixer.memory.compile_scan = enabled
+
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
@@ -381,6 +391,10 @@ class TitansForCausalLM(TitansPreTrainedModel, GenerationMixin):
     def set_memory_writes(self, enabled: bool):
         """See `TitansModel.set_memory_writes`."""
         self.model.set_memory_writes(enabled)
+
+    def set_memory_scan_compiled(self, enabled: bool = True):
+        """See `TitansModel.set_memory_scan_compiled`."""
+        self.model.set_memory_scan_compiled(enabled)
 
     @classmethod
     def from_llama(cls, model_or_path, variant="mag", sliding_window=2048, memory_layers=None, **memory_config):

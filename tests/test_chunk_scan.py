@@ -144,6 +144,16 @@ def test_trailing_padding(depth, use_momentum, chunk_size, normalize):
     )
 
 
+@pytest.mark.slow  # compiles each per-chunk step a few times: ~1.5 minutes
+def test_compiled_steps():
+    """`compile_steps`: the per-chunk steps through torch.compile give the same numbers (float64), with trailing
+    padding, a normalised inner gradient and a partial last segment."""
+    lengths, total = [13, 6, 8], 13
+    m0, p = make_problem(2, total, seed=9, batch=len(lengths))
+    write_mask = torch.arange(total) < torch.tensor(lengths)[:, None]
+    compare(m0, p, 4, write_mask=write_mask, normalize=True, scan_kw={"segment_chunks": 3, "compile_steps": True})
+
+
 @pytest.mark.parametrize("depth", [1, 2, 3])
 @pytest.mark.parametrize("use_momentum", [True, False])
 def test_incoming_state(depth, use_momentum):

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from modeling_titans.cli import main
+from modeling_titans.ops import chunk_scan
 from modeling_titans.tasks import answer_is_correct, generate_examples
 
 TRAIN = ["train", "--preset", "tiny", "--per-device-train-batch-size", "2", "--seq-len", "200", "--eval-examples", "2"]
@@ -131,6 +132,21 @@ def test_train_on_text_files(tmp_path):
     assert summary["data"]["train_sequences"] + summary["data"]["eval_sequences"] == sequences
     assert summary["data"]["loss_on"] == "all" and summary["training"]["steps"] == 2
     assert AutoModelForCausalLM.from_pretrained(output_dir).config.vocab_size == 259
+
+
+def test_train_compile_memory_scan_runs_the_compiled_steps(tmp_path, monkeypatch):
+    """--compile-memory-scan switches the model's scan to `compiled_chunk_steps` (counted eager steps here; their
+    compiled numbers are `tests/test_chunk_scan.py`'s)."""
+    calls = []
+
+    def counted():
+        calls.append(1)
+        return chunk_scan.EAGER_STEPS
+
+    monkeypatch.setattr(chunk_scan, "compiled_chunk_steps", counted)
+    assert main(["train", "--preset", "tiny", "--max-steps", "1", "--eval-examples", "1", "--compile-memory-scan",
+                 "--output-dir", str(tmp_path / "run")]) == 0  # fmt: skip
+    assert calls
 
 
 def assert_one_line_error(capsys, command: str, *fragments: str):

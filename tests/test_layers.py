@@ -12,6 +12,7 @@ from helpers import CHUNK, SEGMENT, WINDOW, full_logits, prefill_then_decode, ra
 from modeling_titans import TitansCache, TitansConfig, TitansForCausalLM
 from modeling_titans.configuration.configuration_titans import MIXER_KINDS, TITANS_FORMAT_VERSION, VARIANTS
 from modeling_titans.layers.token_mixers import TOKEN_MIXERS, attention_reach, block_size, has_attention
+from modeling_titans.ops import chunk_scan
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -65,6 +66,39 @@ def test_layers_without_memory_decode_exactly():
     input_ids = random_ids(2, 3 * WINDOW + 1)
     expected = full_logits(model, input_ids)
     torch.testing.assert_close(prefill_then_decode(model, input_ids, WINDOW + 3), expected, rtol=0, atol=1e-4)
+
+
+def test_set_memory_scan_compiled_routes_every_memory_layer_through_the_compiled_steps(monkeypatch):
+    """The switch reaches each layer with a memory (not the "swa" one) and only the scan uses it; the compiled
+    steps' own numbers are `tests/test_chunk_scan.py`'s (here they are counted eager steps, to stay fast)."""
+    calls = []
+
+    def counted(step):
+        def run(*args, **kwargs):
+            calls.append(step.__name__)
+            return step(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(chunk_scan, "compiled_chunk_steps", lambda: chunk_scan.ChunkSteps(
+        *(counted(step) for step in chunk_scan.EAGER_STEPS)
+    ))
+    torch.manual_seed(0)
+    model = TitansForCausalLM(tiny_config("mag", mixer_types=["swa", "mal"])).train()
+    input_ids = random_ids(2, 2 * CHUNK)
+    expected = model(input_ids, labels=input_ids).loss
+    assert calls == []
+    model.set_memory_scan_compiled(True)
+    assert [layer.mixer.memory is not None and layer.mixer.memory.compile_scan for layer in model.model.layers] == [
+        False, True
+    ]
+    loss = model(input_ids, labels=input_ids).loss
+    loss.backward()
+    assert {"gradient_factors", "chunk_end_state", "chunk_read", "_end_state_backward"} < set(calls)
+    torch.testing.assert_close(loss, expected, rtol=0, atol=0)
+    model.set_memory_scan_compiled(False)
+    calls.clear()
+    model(input_ids, labels=input_ids).loss.backward()
+    assert calls == []
 
 
 @pytest.mark.parametrize(

@@ -116,6 +116,7 @@ class TitansNeuralMemory(nn.Module):
         )
         self.out_norm = TitansRMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.writes_enabled = True  # False: the memory state stays as it is (an ablation at test time; not saved)
+        self.compile_scan = False  # True: the chunked scan's per-chunk steps run through torch.compile (not saved)
         self.mem_gate_proj = nn.Linear(hidden, hidden, bias=False)
         self.mem_o_proj = nn.Linear(hidden, hidden, bias=False)
 
@@ -190,7 +191,9 @@ class TitansNeuralMemory(nn.Module):
             closes_chunk = (tokens.seen + 1) % self.chunk_size == 0
             row_mask = None if write_mask is None else write_mask[:, 0]
             return neural_memory_step(self.network, state, q, k, v, *gates, closes_chunk, row_mask)
-        return checkpointed_memory_scan(self.network, state, q, k, v, *gates, self.chunk_size, write_mask)
+        return checkpointed_memory_scan(
+            self.network, state, q, k, v, *gates, self.chunk_size, write_mask, compile_steps=self.compile_scan
+        )
 
     def project(self, x: torch.Tensor, tokens: TokenInfo, state: NeuralMemoryState):
         """q, k, v (batch, heads, T, head_dim) of the tokens, q and k l2-normalised, and the new convolution tail.

@@ -23,6 +23,10 @@ Fewer, larger kernels: within a segment only the writes are sequential (a chunk'
 weights its predecessor wrote); given every chunk's starting state, the dual-form reads of all the segment's
 chunks, and their backward, are independent, so each runs as one batched call over (batch, heads, chunks).
 
+Compiled steps (`compile_steps`): the per-chunk computations and their backward passes (`ChunkSteps`) can each
+run through `torch.compile`. One compiled graph per step, reused by every chunk, fuses the elementwise passes over
+the state; compiling the whole scan instead would unroll its chunk loop, which takes minutes per sequence length.
+
 The sequence is padded to whole chunks with identity tokens (alpha = 0, eta = 1, theta = 0, masked out of the
 closed form by `chunk_coefficients`), so every chunk has one shape and the gate algebra of all chunks is one
 batched pass. The padded tail changes nothing before it (the closed form is causal) and, being the identity, it
@@ -31,7 +35,10 @@ leaves the end state at the state after the last real token.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -62,12 +69,14 @@ def checkpointed_memory_scan(
     chunk_size: int,
     write_mask: torch.Tensor | None = None,
     segment_chunks: int | None = None,
+    compile_steps: bool = False,
 ):
     """`neural_memory_scan` (same arguments, same results and gradients) with bounded backward memory.
 
     `segment_chunks` is k, the chunks between two saved states (default ceil(sqrt(chunks)), which minimises the
     saved plus replayed states); 1 saves every chunk boundary's state (the most memory; the backward pass still
-    recomputes each chunk's intermediates from it).
+    recomputes each chunk's intermediates from it). `compile_steps` runs the per-chunk steps through
+    `torch.compile` (`compiled_chunk_steps`).
     """
     dtype = compute_dtype(queries.dtype)
     queries, keys, values, log_retain, log_momentum, lr = _to_dtype(
@@ -105,8 +114,9 @@ def checkpointed_memory_scan(
     # autograd.Function only if no tensor repeats among its inputs).
     snapshot_is_weights = all(p is w for p, w in zip(state.snapshot, state.weights))
     snapshot = () if snapshot_is_weights else state.snapshot
+    steps = compiled_chunk_steps() if compile_steps else EAGER_STEPS
     outputs = _CheckpointedScan.apply(
-        network, chunk_size, closes, segment, depth, snapshot_is_weights, per_layer,
+        network, steps, chunk_size, closes, segment, depth, snapshot_is_weights, per_layer,
         queries, keys, values, *coefficients.tensors(), *snapshot, *state.weights, *momentum,
     )
     reads = outputs[0][..., :length, :]
@@ -145,7 +155,9 @@ class _Segment:
     With `keep_tapes`, it keeps what the backward pass needs: every chunk's starting state and
     `gradient_factors` tape, and the tape of the batched read."""
 
-    def __init__(self, network, chunk_size, closes, first, state, queries, keys, values, coefficients, keep_tapes):
+    def __init__(
+        self, network, steps, chunk_size, closes, first, state, queries, keys, values, coefficients, keep_tapes
+    ):
         snapshot, weights, momentum = state
         chunk_coefficients = coefficients.unbind(-3)
         self.starts, self.factor_tapes = [], []
@@ -154,8 +166,8 @@ class _Segment:
         for n, (k, v, chunk_coeffs) in enumerate(parts, start=first):
             self.starts.append((snapshot, weights, momentum))
             tape = {} if keep_tapes else None
-            chunk_inputs, chunk_errors = network.gradient_factors(snapshot, k, v, tape)
-            weights, momentum = chunk_end_state(weights, momentum, chunk_inputs, chunk_errors, chunk_coeffs)
+            chunk_inputs, chunk_errors = steps.gradient_factors(network, snapshot, k, v, tape)
+            weights, momentum = steps.chunk_end_state(weights, momentum, chunk_inputs, chunk_errors, chunk_coeffs)
             snapshot = _after_chunk(closes[n], weights, snapshot)
             inputs.append(chunk_inputs)
             errors.append(chunk_errors)
@@ -168,8 +180,8 @@ class _Segment:
         self.weights = stacked([s[1] for s in self.starts])
         self.momentum = None if momentum is None else stacked([s[2] for s in self.starts])
         self.read_tape = {} if keep_tapes else None
-        self.reads = network.chunk_read(
-            self.weights, self.momentum, stacked(inputs), stacked(errors),
+        self.reads = steps.chunk_read(
+            network, self.weights, self.momentum, stacked(inputs), stacked(errors),
             queries.unflatten(-2, (-1, chunk_size)), coefficients, self.read_tape,
         ).flatten(2, 3)
 
@@ -183,8 +195,8 @@ class _CheckpointedScan(torch.autograd.Function):
     Outputs: reads (batch, heads, N c, d), then the end state's weights, snapshot and momentum."""
 
     @staticmethod
-    def forward(ctx, network, chunk_size, closes, segment, depth, snapshot_is_weights, per_layer, queries, keys,
-                values, *tensors):
+    def forward(ctx, network, steps, chunk_size, closes, segment, depth, snapshot_is_weights, per_layer, queries,
+                keys, values, *tensors):
         coefficient_tensors, states = tensors[:5], tensors[5:]
         if snapshot_is_weights:
             states = (*states[:depth], *states)
@@ -194,7 +206,7 @@ class _CheckpointedScan(torch.autograd.Function):
         for first, tokens, segment_coefficients in _segments(coefficients, segment, chunk_size):
             saved.append(state)
             run = _Segment(
-                network, chunk_size, closes, first, state, *(x[..., tokens, :] for x in (queries, keys, values)),
+                network, steps, chunk_size, closes, first, state, *(x[..., tokens, :] for x in (queries, keys, values)),
                 segment_coefficients, keep_tapes=False,
             )
             reads.append(run.reads)
@@ -203,7 +215,8 @@ class _CheckpointedScan(torch.autograd.Function):
         # The snapshot may be the end weights or an input (when no chunk closes); an output of its own must be
         # a tensor of its own.
         snapshot = tuple(p.clone() for p in snapshot)
-        ctx.layout = (network, chunk_size, closes, segment, depth, momentum is not None, snapshot_is_weights, per_layer)
+        has_momentum = momentum is not None
+        ctx.layout = (network, steps, chunk_size, closes, segment, depth, has_momentum, snapshot_is_weights, per_layer)
         flat_saved = [t for s in saved for part in s if part is not None for t in part]
         ctx.save_for_backward(queries, keys, values, *(t for t in coefficient_tensors if t is not None), *flat_saved)
         ctx.has_coefficient = [t is not None for t in coefficient_tensors]
@@ -213,7 +226,7 @@ class _CheckpointedScan(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, d_reads, *d_state):
-        network, chunk_size, closes, segment, depth, has_momentum, snapshot_is_weights, per_layer = ctx.layout
+        network, steps, chunk_size, closes, segment, depth, has_momentum, snapshot_is_weights, per_layer = ctx.layout
         saved = list(ctx.saved_tensors)
         queries, keys, values = saved[:3]
         coefficient_tensors = [saved.pop(3) if present else None for present in ctx.has_coefficient]
@@ -231,12 +244,14 @@ class _CheckpointedScan(torch.autograd.Function):
         for (first, tokens, coefficients), saved_state in reversed(list(zip(segments, checkpoints))):
             state = (saved_state[:depth], saved_state[depth : 2 * depth], saved_state[2 * depth :] or None)
             run = _Segment(
-                network, chunk_size, closes, first, state, *(x[..., tokens, :] for x in (queries, keys, values)),
+                network, steps, chunk_size, closes, first, state, *(x[..., tokens, :] for x in (queries, keys, values)),
                 coefficients, keep_tapes=True,
             )
             # The reads' backward needs no gradient from later chunks: all the segment's chunks at once.
             segment_d_reads = d_reads[..., tokens, :].unflatten(-2, (-1, chunk_size))
-            read = network.chunk_read_backward(run.weights, run.momentum, run.read_tape, coefficients, segment_d_reads)
+            read = steps.chunk_read_backward(
+                network, run.weights, run.momentum, run.read_tape, coefficients, segment_d_reads
+            )
             read_weights, read_momentum, read_inputs, read_errors, d_queries, d_beta, d_coeff, d_carry = read
             d_surprise = None if coefficients.surprise is None else torch.zeros_like(coefficients.surprise)
             d_eta_total = None if coefficients.eta_total is None else torch.zeros_like(coefficients.eta_total)
@@ -250,12 +265,12 @@ class _CheckpointedScan(torch.autograd.Function):
                     None if layers is None else [r[:, :, j] for r in layers]
                     for layers in (read_weights, read_momentum, read_inputs, read_errors)
                 ]
-                grads = _end_state_backward(
+                grads = steps.end_state_backward(
                     weights, momentum, run.factor_tapes[j], chunk_coefficients[j], d_weights, d_momentum, read_grads
                 )
                 d_weights, d_momentum, d_inputs, d_errors, end_coefficient_grads = grads
-                d_grad_point, d_k, d_v = network.gradient_factors_backward(
-                    snapshot, keys_parts[j], run.factor_tapes[j], d_inputs, d_errors
+                d_grad_point, d_k, d_v = steps.gradient_factors_backward(
+                    network, snapshot, keys_parts[j], run.factor_tapes[j], d_inputs, d_errors
                 )
                 d_snapshot = [add_optional(a, b) for a, b in zip(d_snapshot, d_grad_point)]
                 d_keys.append(d_k)
@@ -277,7 +292,7 @@ class _CheckpointedScan(torch.autograd.Function):
         if snapshot_is_weights:  # one input, two roles: its gradient is the sum
             d_weights, d_snapshot = [add_optional(w, p) for w, p in zip(d_weights, d_snapshot)], []
         state_grads = (*d_snapshot, *d_weights, *(d_momentum or ()))
-        return (None,) * 7 + (*sequence_grads, *coefficient_grads, *state_grads)
+        return (None,) * 8 + (*sequence_grads, *coefficient_grads, *state_grads)
 
 
 def _segments(coefficients: ChunkCoefficients, segment: int, chunk_size: int):
@@ -337,3 +352,27 @@ def _end_state_backward(weights, momentum, tape, coefficients, d_new_weights, d_
 def _inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """<a, b> over the last two dims, kept as (..., 1, 1): a dot product as a matmul (no temporary a * b)."""
     return a.flatten(-2).unsqueeze(-2) @ b.flatten(-2).unsqueeze(-1)
+
+
+class ChunkSteps(NamedTuple):
+    """The scan's per-chunk computations (the memory network's methods take the network first)."""
+
+    gradient_factors: Callable
+    chunk_end_state: Callable
+    chunk_read: Callable
+    gradient_factors_backward: Callable
+    chunk_read_backward: Callable
+    end_state_backward: Callable
+
+
+EAGER_STEPS = ChunkSteps(
+    MemoryMLP.gradient_factors, chunk_end_state, MemoryMLP.chunk_read, MemoryMLP.gradient_factors_backward,
+    MemoryMLP.chunk_read_backward, _end_state_backward,
+)
+
+
+@functools.cache
+def compiled_chunk_steps() -> ChunkSteps:
+    """`EAGER_STEPS`, each through `torch.compile` (inductor: C++ on CPU, Triton on CUDA). Each compiles on its
+    first call and again for each new combination of shapes, present gradients and tape (a handful per model)."""
+    return ChunkSteps(*(torch.compile(step) for step in EAGER_STEPS))
