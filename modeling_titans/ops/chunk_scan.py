@@ -197,7 +197,11 @@ class _CheckpointedScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, network, steps, chunk_size, closes, segment, depth, snapshot_is_weights, per_layer, queries,
                 keys, values, *tensors):
-        coefficient_tensors, states = tensors[:5], tensors[5:]
+        # Nothing carries a graph in here. Detached (and M_0, which comes expanded over the batch, contiguous), the
+        # inputs look alike in training and inference and the incoming state like every later chunk's, so the
+        # compiled steps (`compiled_chunk_steps`) need no extra graphs for them.
+        queries, keys, values = (x.detach() for x in (queries, keys, values))
+        coefficient_tensors, states = tensors[:5], tuple(t.detach().contiguous() for t in tensors[5:])
         if snapshot_is_weights:
             states = (*states[:depth], *states)
         coefficients = ChunkCoefficients(*coefficient_tensors, per_layer=per_layer)
@@ -232,7 +236,7 @@ class _CheckpointedScan(torch.autograd.Function):
         coefficient_tensors = [saved.pop(3) if present else None for present in ctx.has_coefficient]
         per_state = depth * (3 if has_momentum else 2)
         flat = saved[3:]
-        checkpoints = [flat[i : i + per_state] for i in range(0, len(flat), per_state)]
+        checkpoints = [tuple(flat[i : i + per_state]) for i in range(0, len(flat), per_state)]  # tuples, as forward's
         if d_reads is None:
             d_reads = torch.zeros_like(queries)
         # gradient of the state after the current chunk: snapshot, weights, momentum (per layer, None for zero)
@@ -374,5 +378,7 @@ EAGER_STEPS = ChunkSteps(
 @functools.cache
 def compiled_chunk_steps() -> ChunkSteps:
     """`EAGER_STEPS`, each through `torch.compile` (inductor: C++ on CPU, Triton on CUDA). Each compiles on its
-    first call and again for each new combination of shapes, present gradients and tape (a handful per model)."""
+    first call and again for each new combination of shapes, present gradients and tape: a few graphs for one
+    training shape, more for every further batch size or length. Past `torch._dynamo.config.recompile_limit` (8)
+    graphs per step, torch runs new combinations eagerly (with a warning); raise it to train at many shapes."""
     return ChunkSteps(*(torch.compile(step) for step in EAGER_STEPS))
