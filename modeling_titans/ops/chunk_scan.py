@@ -24,7 +24,7 @@ weights its predecessor wrote); given every chunk's starting state, the dual-for
 chunks, and their backward, are independent, so each runs as one batched call over (batch, heads, chunks).
 
 Compiled steps (`compile_steps`): the per-chunk computations and their backward passes (`ChunkSteps`) can each
-run through `torch.compile`. One compiled graph per step, reused by every chunk, fuses the elementwise passes over
+run through `torch.compile`. A few compiled graphs per step, reused by every chunk, fuse the elementwise passes over
 the state; compiling the whole scan instead would unroll its chunk loop, which takes minutes per sequence length.
 
 The sequence is padded to whole chunks with identity tokens (alpha = 0, eta = 1, theta = 0, masked out of the
