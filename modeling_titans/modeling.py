@@ -137,9 +137,8 @@ class TitansModel(TitansPreTrainedModel):
         """Switches test-time learning on or off in every layer. Off, no token is written: each memory stays where
         it stands (at its learned M_0 for a new sequence, or the state a cache holds) and every token reads it, so
         the model keeps only what attention sees and what is already stored, which isolates what the memory adds."""
-        for layer in self.layers:
-            if layer.mixer.has_memory:
-                layer.mixer.memory.writes_enabled = enabled
+        for memory in self.memories():
+            memory.writes_enabled = enabled
 
     def set_memory_scan_compiled(self, enabled: bool = True):
         """Runs the per-chunk steps of every layer's memory scan (training and prefill; not the one-token decoding
@@ -147,9 +146,12 @@ class TitansModel(TitansPreTrainedModel):
         elementwise passes over the memory state fuse), after a compilation of ~30 s on first use. Compiling the
         whole model instead (`torch.compile(model)`) unrolls the scan's chunk loop, which compiles for many minutes
         at each training length."""
-        for layer in self.layers:
-            if layer.mixer.has_memory:
-                layer.mixer.memory.compile_scan = enabled
+        for memory in self.memories():
+            memory.compile_scan = enabled
+
+    def memories(self):
+        """The neural memory module of every layer that has one, in layer order."""
+        return [layer.mixer.memory for layer in self.layers if layer.mixer.has_memory]
 
     def set_input_embeddings(self, value):
         self.embed_tokens = value
