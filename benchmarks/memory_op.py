@@ -12,7 +12,7 @@ Rows:
   taken at the initial weights, the weights updated once at the end) and once with `batch_size=chunk_size`
   (the paper's semantics, which ours follows: gradients at the start of each chunk).
 
-GFLOP/s counts only the matmuls of the op, analytically (`scan_matmul_flops`; backward = 2x forward), so it is
+GFLOP/s counts only the matmuls of the op, analytically (`memory_op_flops`; backward = 2x forward), so it is
 a lower bound on the work done (the checkpointed scan also replays the forward pass, not counted). The peaks are
 a large fp32 matmul and a batched matmul of the op's own shapes.
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from flops import memory_dims, memory_op_flops
 from harness import (
     Stopwatch,
     build_model,
@@ -41,22 +42,6 @@ def add_arguments(parser):
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096])
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per row (the fastest is kept)")
     parser.add_argument("--chunk-size", type=int, default=None, help="memory chunk (default: the config's, 16)")
-
-
-def scan_matmul_flops(length: int, chunk: int, dims: list[int], heads: int, batch: int = 1) -> int:
-    """Forward matmul FLOPs of `neural_memory_scan` (with momentum) over `length` tokens.
-
-    Per chunk of c tokens and per head, for layers l with widths d_{l-1} -> d_l (see `chunk_update`):
-    gradient forward 2c d_{l-1} d_l, error back-propagation 2c d_l d_{l-1} (layers >= 2), gate products
-    2c^3 + 2c^2, reads 2c d_{l-1} d_l (M) + 2c d_{l-1} d_l (S) + 2c^2 d_{l-1} + 2c^2 d_l (dual form),
-    state 2 x 2 d_{l-1} c d_l (M and S).
-    """
-    per_chunk = 2 * chunk**3 + 2 * chunk**2
-    for layer, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
-        per_chunk += 2 * chunk * d_in * d_out * (1 + (layer > 0))  # gradient forward (+ error back-prop)
-        per_chunk += 2 * (2 * chunk * d_in * d_out) + 2 * chunk * chunk * (d_in + d_out)  # reads
-        per_chunk += 2 * (2 * d_in * chunk * d_out)  # new M and new S
-    return per_chunk * heads * batch * -(-length // chunk)
 
 
 def peak_gflops(device: str, shape: tuple[int, ...], repeats: int = 5) -> float:
@@ -154,7 +139,7 @@ def main():
     # initialised M_0 and gate biases
     memory = build_model("lmm", args.smoke, args.device, **overrides).model.layers[0].mixer.memory
     chunk, d = config.memory_chunk_size, config.memory_head_dim
-    dims = [d] + [d * config.memory_expansion] * (config.memory_depth - 1) + [d]
+    dims = memory_dims(config)
     size = 256 if args.smoke else 1024
     op_shape = f"bmm {config.memory_num_heads}x{chunk}x{d}x{dims[1]} (op shape)"
     peaks = {
@@ -173,7 +158,7 @@ def main():
 
     rows = []
     for length in args.lengths:
-        flops = 3 * scan_matmul_flops(length, chunk, dims, config.memory_num_heads)
+        flops = 3 * memory_op_flops(length, chunk, dims, config.memory_num_heads)
         runners = {
             "op, autograd (before)": op_runner(config, memory, length, args.device, neural_memory_scan),
             "op, checkpointed (ours)": op_runner(config, memory, length, args.device, checkpointed_memory_scan),
@@ -201,7 +186,7 @@ def main():
         "memory_dims": dims,
         "chunk_size": chunk,
         "hidden_size": config.hidden_size,
-        "op_matmul_flops_per_token": 3 * scan_matmul_flops(chunk, chunk, dims, config.memory_num_heads) / chunk,
+        "op_matmul_flops_per_token": 3 * memory_op_flops(chunk, chunk, dims, config.memory_num_heads) / chunk,
     }
     write_results(args, "memory_op", run_config, rows, peaks_gflops=peaks)
     plot(args, rows, peaks)

@@ -2,7 +2,8 @@
 titans-pytorch's MAC.
 
 Training: forward + backward at each sequence length with about `--tokens-per-step` tokens per step (batch =
-tokens // length, at least 1; labels = inputs), tokens/s and the step's peak memory. Each (model, length) runs in
+tokens // length, at least 1; labels = inputs), tokens/s, the achieved GFLOP/s of the model's FLOPs (`flops.py`:
+matmuls, 3x the forward pass) and the step's peak memory. Each (model, length) runs in
 a fresh process after one warm-up step at the shortest length; the peak is the growth of the process's peak
 resident set (CPU) or of `torch.cuda.max_memory_allocated` (CUDA) from before the warm-up, so it counts
 activations and gradients, not the weights. titans-pytorch (optional: `pip install titans-pytorch`) is timed in
@@ -25,6 +26,7 @@ import torch
 
 from modeling_titans.configuration.configuration_titans import VARIANTS
 
+from flops import forward_flops_per_token
 from harness import (
     BACKBONE,
     SMOKE_BACKBONE,
@@ -90,12 +92,17 @@ def train_step(name, length, batch_size, warmup_length, smoke, device, threads, 
     with Stopwatch(device) as watch:
         training_loss(model, name, input_ids).backward()
     tokens = batch_size * length
-    results.put({
+    row = {
         "tok/s": tokens / watch.wall,
         "tok/s (cpu time)": tokens / watch.cpu,
         "step_s": watch.wall,
         "peak_MiB": (peak_bytes(device) - before) / 2**20,
-    })
+    }
+    if name != "titans-pytorch":  # model FLOPs of a training step: 3x the forward pass's (`flops.py`)
+        flops_per_token = 3 * sum(forward_flops_per_token(model.config, length).values())
+        row["train MFLOP/token"] = flops_per_token / 1e6
+        row["GFLOP/s (cpu time)"] = flops_per_token * tokens / watch.cpu / 1e9
+    results.put(row)
 
 
 def cache_bytes(cache) -> int:
@@ -168,8 +175,8 @@ def main():
         del model
 
     train_columns = [
-        "model", "chunk", "scan", "params_M", "tokens", "batch", "tok/s", "tok/s (cpu time)", "step_s", "peak_MiB",
-        "error",
+        "model", "chunk", "scan", "params_M", "tokens", "batch", "tok/s", "tok/s (cpu time)", "train MFLOP/token",
+        "GFLOP/s (cpu time)", "step_s", "peak_MiB", "error",
     ]
     print_table(train_rows, train_columns, title="Training (forward + backward)")
     if decode_rows:
