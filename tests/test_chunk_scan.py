@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from modeling_titans.ops.chunk_scan import checkpointed_memory_scan
+from modeling_titans.ops.memory_network import add_matmul
 from modeling_titans.ops.neural_memory import MemoryState, initial_state, neural_memory_scan
 
 from test_neural_memory import assert_close, make_problem, network_for
@@ -194,3 +195,19 @@ def test_gradcheck(depth, chunk_size, padded, use_momentum, normalize):
         )
 
     assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_add_matmul_writes_into_one_chunk_slot_of_stacked_states():
+    """The scan writes each chunk's end state into the next chunk's slot of a (batch, heads, chunks, d_in, d_out)
+    tensor; an `out` whose leading dims do not merge into one must raise, not write into a silent copy."""
+    g = torch.Generator().manual_seed(0)
+    stack = torch.zeros(2, 3, 4, 5, 6, dtype=torch.float64)
+    base, x, y = (
+        torch.randn(*shape, generator=g, dtype=torch.float64) for shape in [(2, 3, 5, 6), (2, 3, 5, 7), (2, 3, 7, 6)]
+    )
+    result = add_matmul(base, x, y, alpha=-1, out=stack[:, :, 2])
+    assert result.data_ptr() == stack[:, :, 2].data_ptr()
+    assert_close(stack[:, :, 2], base - x @ y, 1e-12)
+    assert not stack[:, :, [0, 1, 3]].any()
+    with pytest.raises(RuntimeError):
+        add_matmul(base.transpose(0, 1), x.transpose(0, 1), y.transpose(0, 1), out=stack.transpose(0, 1)[:, :, 2])

@@ -152,38 +152,65 @@ class _Segment:
     (given every chunk's starting state, the dual-form reads of different chunks are independent), batched over
     a chunk dim placed after (batch, heads).
 
-    With `keep_tapes`, it keeps what the backward pass needs: every chunk's starting state and
-    `gradient_factors` tape, and the tape of the batched read."""
+    Each chunk's end state is written straight into the next chunk's slot of the segment's stacked states (one
+    (batch, heads, chunks, d_in, d_out) tensor per memory layer and state), the batched read's input: stacking
+    them afterwards would copy every state once more. `chunk_end_state` runs eagerly for that (compiled code
+    cannot write into a slot), which measured faster than its compiled form anyway.
+
+    With `keep_tapes` (the backward pass's replay), it keeps what the backward pass needs: every chunk's starting
+    state and `gradient_factors` tape, and the tape of the batched read; it then skips the state after the last
+    chunk, which the backward pass does not use (`end` is None).
+    """
 
     def __init__(
         self, network, steps, chunk_size, closes, first, state, queries, keys, values, coefficients, keep_tapes
     ):
         snapshot, weights, momentum = state
         chunk_coefficients = coefficients.unbind(-3)
+        num_chunks = len(chunk_coefficients)
+        self.weights = _stacked_slots(weights, num_chunks)
+        self.momentum = None if momentum is None else _stacked_slots(momentum, num_chunks)
         self.starts, self.factor_tapes = [], []
         inputs, errors = [], []
         parts = zip(keys.split(chunk_size, dim=-2), values.split(chunk_size, dim=-2), chunk_coefficients)
-        for n, (k, v, chunk_coeffs) in enumerate(parts, start=first):
+        for j, (k, v, chunk_coeffs) in enumerate(parts):
+            weights = tuple(stack[:, :, j] for stack in self.weights)
+            momentum = None if momentum is None else tuple(stack[:, :, j] for stack in self.momentum)
             self.starts.append((snapshot, weights, momentum))
             tape = {} if keep_tapes else None
             chunk_inputs, chunk_errors = steps.gradient_factors(network, snapshot, k, v, tape)
-            weights, momentum = steps.chunk_end_state(weights, momentum, chunk_inputs, chunk_errors, chunk_coeffs)
-            snapshot = _after_chunk(closes[n], weights, snapshot)
             inputs.append(chunk_inputs)
             errors.append(chunk_errors)
             self.factor_tapes.append(tape)
-        self.end = (snapshot, weights, momentum)
+            last = j == num_chunks - 1
+            if last and keep_tapes:
+                break
+            out = None if last else (  # the segment's end state: tensors of its own (the next checkpoint)
+                tuple(stack[:, :, j + 1] for stack in self.weights),
+                None if momentum is None else tuple(stack[:, :, j + 1] for stack in self.momentum),
+            )
+            weights, momentum = chunk_end_state(weights, momentum, chunk_inputs, chunk_errors, chunk_coeffs, out)
+            snapshot = _after_chunk(closes[first + j], weights, snapshot)
+        self.end = None if keep_tapes else (snapshot, weights, momentum)
 
         def stacked(per_chunk):  # one tensor per memory layer, chunks on dim 2
             return [torch.stack(layer, dim=2) for layer in zip(*per_chunk)]
 
-        self.weights = stacked([s[1] for s in self.starts])
-        self.momentum = None if momentum is None else stacked([s[2] for s in self.starts])
         self.read_tape = {} if keep_tapes else None
         self.reads = steps.chunk_read(
             network, self.weights, self.momentum, stacked(inputs), stacked(errors),
             queries.unflatten(-2, (-1, chunk_size)), coefficients, self.read_tape,
         ).flatten(2, 3)
+
+
+def _stacked_slots(start: Weights, num_chunks: int) -> list[torch.Tensor]:
+    """Per memory layer, an empty (batch, heads, chunks, d_in, d_out) tensor whose chunk 0 holds `start`."""
+    stacks = []
+    for w in start:
+        stack = w.new_empty(*w.shape[:2], num_chunks, *w.shape[2:])
+        stack[:, :, 0] = w
+        stacks.append(stack)
+    return stacks
 
 
 class _CheckpointedScan(torch.autograd.Function):
@@ -362,7 +389,6 @@ class ChunkSteps(NamedTuple):
     """The scan's per-chunk computations (the memory network's methods take the network first)."""
 
     gradient_factors: Callable
-    chunk_end_state: Callable
     chunk_read: Callable
     gradient_factors_backward: Callable
     chunk_read_backward: Callable
@@ -370,7 +396,7 @@ class ChunkSteps(NamedTuple):
 
 
 EAGER_STEPS = ChunkSteps(
-    MemoryMLP.gradient_factors, chunk_end_state, MemoryMLP.chunk_read, MemoryMLP.gradient_factors_backward,
+    MemoryMLP.gradient_factors, MemoryMLP.chunk_read, MemoryMLP.gradient_factors_backward,
     MemoryMLP.chunk_read_backward, _end_state_backward,
 )
 

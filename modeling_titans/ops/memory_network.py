@@ -363,10 +363,14 @@ def add_optional(a, b):
     return a if b is None else a + b
 
 
-def add_matmul(base: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+def add_matmul(
+    base: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor, alpha: float = 1.0, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """base + alpha x @ y over (batch, heads, ...) in one baddbmm (no temporary of the product's size); a None
-    base is zero."""
+    base is zero. `out` (base's shape, a view whose leading dims merge, e.g. one chunk's slot of a stacked
+    buffer) receives the result in place; it must not require a gradient."""
     if base is None:
         return x @ y if alpha == 1.0 else alpha * (x @ y)
-    flat = torch.baddbmm(base.flatten(0, -3), x.flatten(0, -3), y.flatten(0, -3), alpha=alpha)
+    flat_out = None if out is None else out.view(-1, *out.shape[-2:])  # a view or an error, never a copy
+    flat = torch.baddbmm(base.flatten(0, -3), x.flatten(0, -3), y.flatten(0, -3), alpha=alpha, out=flat_out)
     return flat.view(base.shape)

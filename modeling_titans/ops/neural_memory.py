@@ -92,9 +92,9 @@ def _pairwise_decay(log_cumulative: torch.Tensor) -> torch.Tensor:
     return torch.exp(diff.masked_fill(~causal, float("-inf")))
 
 
-def _subtract_outer_sum(base: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """base - a^T g over (batch, heads, ...) in one baddbmm (no temporary of the weights' size)."""
-    return add_matmul(base, a.transpose(-1, -2), g, alpha=-1)
+def _subtract_outer_sum(base: torch.Tensor, a: torch.Tensor, g: torch.Tensor, out=None) -> torch.Tensor:
+    """base - a^T g over (batch, heads, ...) in one baddbmm (no temporary of the weights' size), into `out`."""
+    return add_matmul(base, a.transpose(-1, -2), g, alpha=-1, out=out)
 
 
 @dataclass
@@ -199,11 +199,17 @@ def chunk_update(
     return (reads, *chunk_end_state(weights, momentum, inputs, errors, coefficients))
 
 
-def chunk_end_state(weights: Weights, momentum: Weights | None, inputs, errors, coefficients: ChunkCoefficients):
+def chunk_end_state(
+    weights: Weights, momentum: Weights | None, inputs, errors, coefficients: ChunkCoefficients, out=None
+):
     """M and S after the chunk's last token, from those before its first and the chunk's gradient factors:
 
         M_c = beta_c M_0 + A_c S_0 - sum_i C_{c,i} a_i^T g_i,   S_c = E_c S_0 - sum_i theta_i (E_c / E_i) a_i^T g_i
+
+    `out` (without autograd): (weights, momentum) tensors per layer that receive M_c and S_c, e.g. the next
+    chunk's slots of a segment's stacked states (`chunk_scan._Segment`), which saves a copy of every state.
     """
+    out_weights, out_momentum = out or ((None,) * len(weights), (None,) * len(weights))
     new_weights, new_momentum = [], None if momentum is None else []
     for layer, (w, a, g) in enumerate(zip(weights, inputs, errors)):
         own = coefficients.layer(layer)
@@ -212,8 +218,8 @@ def chunk_end_state(weights: Weights, momentum: Weights | None, inputs, errors, 
         if momentum is not None:
             s = momentum[layer]
             decayed = torch.addcmul(decayed, own.carry[..., -1:, :], s)
-            new_momentum.append(_subtract_outer_sum(own.eta_total * s, a, own.surprise * g))
-        new_weights.append(_subtract_outer_sum(decayed, a, last_coeff * g))
+            new_momentum.append(_subtract_outer_sum(own.eta_total * s, a, own.surprise * g, out_momentum[layer]))
+        new_weights.append(_subtract_outer_sum(decayed, a, last_coeff * g, out_weights[layer]))
     return tuple(new_weights), None if new_momentum is None else tuple(new_momentum)
 
 
