@@ -155,7 +155,7 @@ class _Segment:
     Each chunk's end state is written straight into the next chunk's slot of the segment's stacked states (one
     (batch, heads, chunks, d_in, d_out) tensor per memory layer and state), the batched read's input: stacking
     them afterwards would copy every state once more. `chunk_end_state` runs eagerly for that (compiled code
-    cannot write into a slot), which measured faster than its compiled form anyway.
+    cannot write into a slot); on CPU, eager into the slot measured faster than compiled plus the copy.
 
     With `keep_tapes` (the backward pass's replay), it keeps what the backward pass needs: every chunk's starting
     state and `gradient_factors` tape, and the tape of the batched read; it then skips the state after the last
