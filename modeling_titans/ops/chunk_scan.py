@@ -185,7 +185,8 @@ class _Segment:
             last = j == num_chunks - 1
             if last and keep_tapes:
                 break
-            out = None if last else (  # the segment's end state: tensors of its own (the next checkpoint)
+            # The next chunk's slots; after the last chunk, tensors of their own (the segment's end, a checkpoint).
+            out = None if last else (
                 tuple(stack[:, :, j + 1] for stack in self.weights),
                 None if momentum is None else tuple(stack[:, :, j + 1] for stack in self.momentum),
             )

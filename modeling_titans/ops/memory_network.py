@@ -371,6 +371,8 @@ def add_matmul(
     buffer) receives the result in place; it must not require a gradient."""
     if base is None:
         return x @ y if alpha == 1.0 else alpha * (x @ y)
+    if out is not None and torch.compiler.is_compiling():  # dynamo traces no out= into a strided view
+        return out.copy_(add_matmul(base, x, y, alpha))
     flat_out = None if out is None else out.view(-1, *out.shape[-2:])  # a view or an error, never a copy
     flat = torch.baddbmm(base.flatten(0, -3), x.flatten(0, -3), y.flatten(0, -3), alpha=alpha, out=flat_out)
     return flat.view(base.shape)
