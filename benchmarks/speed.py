@@ -3,11 +3,11 @@ titans-pytorch's MAC.
 
 Training: forward + backward at each sequence length with about `--tokens-per-step` tokens per step (batch =
 tokens // length, at least 1; labels = inputs), tokens/s, the achieved GFLOP/s of the model's FLOPs (`flops.py`:
-matmuls, 3x the forward pass) and the step's peak memory. Each (model, length) runs in
-a fresh process after one warm-up step at the shortest length; the peak is the growth of the process's peak
-resident set (CPU) or of `torch.cuda.max_memory_allocated` (CUDA) from before the warm-up, so it counts
-activations and gradients, not the weights. titans-pytorch (optional: `pip install titans-pytorch`) is timed in
-training only; its rows are skipped when it is not installed.
+matmuls, 3x the forward pass) and the step's peak memory. Each (model, length) runs in a fresh process after one
+warm-up step at the shortest length (`--train-steps N`: the median of N timed steps); the peak is the growth of
+the process's peak resident set (CPU) or of `torch.cuda.max_memory_allocated` (CUDA) from before the warm-up, so
+it counts activations and gradients, not the weights. titans-pytorch (optional: `pip install titans-pytorch`) is
+timed in training only; its rows are skipped when it is not installed.
 Decoding: prefill a random context of each length with the cache on, then time single-token forward passes
 (greedy next token, no sampling or generate() overhead): ms/token, and the bytes the cache holds
 (Titans: `TitansCache.memory_bytes()`; Llama: the key/value tensors of its DynamicCache).
@@ -55,6 +55,10 @@ def add_arguments(parser):
         "--decode-contexts", type=int, nargs="*", default=[1024, 2048, 4096, 8192, 16384, 32768, 65536],
         help="none: training only",
     )
+    parser.add_argument(
+        "--train-steps", type=int, default=1,
+        help="timed training steps per cell (the median is reported; single steps vary on a shared machine)",
+    )
     parser.add_argument("--decode-steps", type=int, default=16, help="timed decode steps per context length")
     parser.add_argument(
         "--decode-modes", nargs="+", choices=["eager", "compiled"], default=["eager"],
@@ -71,10 +75,12 @@ def add_arguments(parser):
     )
 
 
-def train_step(name, length, batch_size, warmup_length, smoke, device, threads, overrides, compiled_scan, results):
-    """Child process: one warm-up step at `warmup_length`, then one timed forward + backward of `batch_size`
-    sequences of `length` tokens; puts tok/s, the step time and the peak memory growth on `results`. With
-    `compiled_scan` the warm-up step has the timed step's shape (it compiles for that shape)."""
+def train_step(
+    name, length, batch_size, warmup_length, smoke, device, threads, overrides, compiled_scan, timed_steps, results
+):
+    """Child process: one warm-up step at `warmup_length`, then `timed_steps` timed forward + backward passes of
+    `batch_size` sequences of `length` tokens; puts tok/s and the step time (medians) and the peak memory growth on
+    `results`. With `compiled_scan` the warm-up step has the timed step's shape (it compiles for that shape)."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = build_model(name, smoke, device, **overrides).train()
@@ -89,19 +95,25 @@ def train_step(name, length, batch_size, warmup_length, smoke, device, threads, 
     training_loss(model, name, warmup).backward()  # allocator, kernels
     model.zero_grad(set_to_none=True)
     input_ids = torch.randint(3, vocab, (batch_size, length), device=device)
-    with Stopwatch(device) as watch:
-        training_loss(model, name, input_ids).backward()
+    walls, cpus = [], []
+    for _ in range(timed_steps):
+        model.zero_grad(set_to_none=True)
+        with Stopwatch(device) as watch:
+            training_loss(model, name, input_ids).backward()
+        walls.append(watch.wall)
+        cpus.append(watch.cpu)
+    wall, cpu = statistics.median(walls), statistics.median(cpus)
     tokens = batch_size * length
     row = {
-        "tok/s": tokens / watch.wall,
-        "tok/s (cpu time)": tokens / watch.cpu,
-        "step_s": watch.wall,
+        "tok/s": tokens / wall,
+        "tok/s (cpu time)": tokens / cpu,
+        "step_s": wall,
         "peak_MiB": (peak_bytes(device) - before) / 2**20,
     }
     if name != "titans-pytorch":  # model FLOPs of a training step: 3x the forward pass's (`flops.py`)
         flops_per_token = 3 * sum(forward_flops_per_token(model.config, length).values())
         row["train MFLOP/token"] = flops_per_token / 1e6
-        row["GFLOP/s (cpu time)"] = flops_per_token * tokens / watch.cpu / 1e9
+        row["GFLOP/s (cpu time)"] = flops_per_token * tokens / cpu / 1e9
     results.put(row)
 
 
@@ -153,7 +165,7 @@ def main():
                 row.update(chunk=chunk, scan=mode)
             overrides = {"memory_chunk_size": chunk} if name in VARIANTS else {}
             step = (name, length, batch_size, min(args.train_lengths), args.smoke, args.device, args.threads)
-            row.update(run_in_child(train_step, *step, overrides, mode == "compiled"))
+            row.update(run_in_child(train_step, *step, overrides, mode == "compiled", args.train_steps))
             train_rows.append(row)
             print_table([row], list(row), title=f"train {name} {length}")
     for name, mode in ((name, mode) for name in models if name in DECODING_MODELS for mode in args.decode_modes):
@@ -184,6 +196,7 @@ def main():
     config = {
         "train_lengths": args.train_lengths,
         "tokens_per_step": args.tokens_per_step,
+        "train_steps": args.train_steps,
         "decode_contexts": args.decode_contexts,
         "decode_steps": args.decode_steps,
         "decode_modes": args.decode_modes,

@@ -87,8 +87,9 @@ def test_speed_rows_cover_models_and_lengths(tmp_path):
 
 def test_speed_trains_each_chunk_size_without_decoding(tmp_path):
     """The chunk-size sweep is a training-only run (`--decode-contexts` with no value); its plot must still work."""
-    args = ["--models", "lmm", "llama", "--chunk-sizes", "2", "8", "--decode-contexts"]
+    args = ["--models", "lmm", "llama", "--chunk-sizes", "2", "8", "--decode-contexts", "--train-steps", "2"]
     results = run_smoke("speed", args, tmp_path)
+    assert results["config"]["train_steps"] == 2
     lengths = results["config"]["train_lengths"]
     train = {(r["model"], r.get("chunk"), r["tokens"]) for r in results["rows"]}
     assert train == {("lmm", c, n) for c in (2, 8) for n in lengths} | {("llama", None, n) for n in lengths}
