@@ -170,12 +170,18 @@ class _Segment:
         num_chunks = len(chunk_coefficients)
         self.weights = _stacked_slots(weights, num_chunks)
         self.momentum = None if momentum is None else _stacked_slots(momentum, num_chunks)
+
+        def slot(j):  # chunk j's starting (weights, momentum): views into the stacked states
+            return (
+                tuple(stack[:, :, j] for stack in self.weights),
+                None if self.momentum is None else tuple(stack[:, :, j] for stack in self.momentum),
+            )
+
         self.starts, self.factor_tapes = [], []
         inputs, errors = [], []
         parts = zip(keys.split(chunk_size, dim=-2), values.split(chunk_size, dim=-2), chunk_coefficients)
         for j, (k, v, chunk_coeffs) in enumerate(parts):
-            weights = tuple(stack[:, :, j] for stack in self.weights)
-            momentum = None if momentum is None else tuple(stack[:, :, j] for stack in self.momentum)
+            weights, momentum = slot(j)
             self.starts.append((snapshot, weights, momentum))
             tape = {} if keep_tapes else None
             chunk_inputs, chunk_errors = steps.gradient_factors(network, snapshot, k, v, tape)
@@ -185,11 +191,8 @@ class _Segment:
             last = j == num_chunks - 1
             if last and keep_tapes:
                 break
-            # The next chunk's slots; after the last chunk, tensors of their own (the segment's end, a checkpoint).
-            out = None if last else (
-                tuple(stack[:, :, j + 1] for stack in self.weights),
-                None if momentum is None else tuple(stack[:, :, j + 1] for stack in self.momentum),
-            )
+            # Into the next chunk's slots; after the last chunk, tensors of their own (the segment's end, a checkpoint).
+            out = None if last else slot(j + 1)
             weights, momentum = chunk_end_state(weights, momentum, chunk_inputs, chunk_errors, chunk_coeffs, out)
             snapshot = _after_chunk(closes[first + j], weights, snapshot)
         self.end = None if keep_tapes else (snapshot, weights, momentum)
