@@ -17,9 +17,12 @@ a lower bound on the work done (the checkpointed scan also replays the forward p
 a large fp32 matmul and a batched matmul of the op's own shapes.
 
     python benchmarks/memory_op.py                   # CPU, 1 thread, ~1 minute
+    python benchmarks/memory_op.py --scan-modes eager compiled   # + the per-chunk steps through torch.compile
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +45,10 @@ def add_arguments(parser):
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096])
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per row (the fastest is kept)")
     parser.add_argument("--chunk-size", type=int, default=None, help="memory chunk (default: the config's, 16)")
+    parser.add_argument(
+        "--scan-modes", nargs="+", choices=["eager", "compiled"], default=["eager"],
+        help="compiled: also time the checkpointed op and the module with their per-chunk steps compiled",
+    )
 
 
 def peak_gflops(device: str, shape: tuple[int, ...], repeats: int = 5) -> float:
@@ -94,7 +101,7 @@ def op_runner(config, memory, length, device, scan):
     return run
 
 
-def module_runner(memory, length, hidden, device):
+def module_runner(memory, length, hidden, device, compiled_scan):
     from modeling_titans.layers.tokens import TokenInfo
 
     x = torch.randn(1, length, hidden, device=device, requires_grad=True)
@@ -102,6 +109,7 @@ def module_runner(memory, length, hidden, device):
 
     def run():
         memory.zero_grad(set_to_none=True)
+        memory.compile_scan = compiled_scan
         out, _ = memory(x, tokens, None)
         out.sum().backward()
 
@@ -159,11 +167,13 @@ def main():
     rows = []
     for length in args.lengths:
         flops = 3 * memory_op_flops(length, chunk, dims, config.memory_num_heads)
-        runners = {
-            "op, autograd (before)": op_runner(config, memory, length, args.device, neural_memory_scan),
-            "op, checkpointed (ours)": op_runner(config, memory, length, args.device, checkpointed_memory_scan),
-            "module (ours)": module_runner(memory, length, config.hidden_size, args.device),
-        }
+        runners = {"op, autograd (before)": op_runner(config, memory, length, args.device, neural_memory_scan)}
+        for mode in args.scan_modes:
+            compiled = mode == "compiled"
+            suffix = ", compiled steps" if compiled else ""
+            scan = functools.partial(checkpointed_memory_scan, compile_steps=compiled)
+            runners[f"op, checkpointed (ours){suffix}"] = op_runner(config, memory, length, args.device, scan)
+            runners[f"module (ours){suffix}"] = module_runner(memory, length, config.hidden_size, args.device, compiled)
         if has_titans_pytorch:
             runners["titans-pytorch default"] = titans_pytorch_runner(config, length, None, args.device)
             runners["titans-pytorch batch=chunk"] = titans_pytorch_runner(config, length, chunk, args.device)

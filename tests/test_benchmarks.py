@@ -41,8 +41,9 @@ def test_profile_step_smoke(tmp_path):
 
 
 def test_memory_op_smoke(tmp_path):
-    results = run_smoke("memory_op", [], tmp_path)
-    for impl in ("op, checkpointed (ours)", "op, autograd (before)"):
+    results = run_smoke("memory_op", ["--scan-modes", "eager", "compiled"], tmp_path)
+    assert {r["impl"] for r in results["rows"]} >= {"module (ours)", "module (ours), compiled steps"}
+    for impl in ("op, checkpointed (ours)", "op, checkpointed (ours), compiled steps", "op, autograd (before)"):
         op_rows = [r for r in results["rows"] if r["impl"] == impl]
         assert [r["tokens"] for r in op_rows] == results["config"]["lengths"]
         assert all(r["op GFLOP/s"] > 0 and r["% of op-shape peak"] > 0 for r in op_rows)
