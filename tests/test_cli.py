@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from modeling_titans.cli import main
+from modeling_titans.evaluation import task_accuracy
 from modeling_titans.ops import chunk_scan
 from modeling_titans.tasks import answer_is_correct, generate_examples
 
@@ -101,6 +102,22 @@ def test_eval_scores_greedy_answers(trained, tmp_path, capsys, memory):
             assert record["correct"] == answer_is_correct(example, generated)
         assert cell["correct"] == sum(record["correct"] for record in cell["examples"])
         assert f"{cell['correct']}/3" in table
+
+
+def test_eval_forget_scale_sets_the_memory_forgetting_for_the_run(trained, tmp_path, capsys):
+    report_path = tmp_path / "report.json"
+    flags = ["--task", "passkey", "--lengths", "200", "--distances", "60", "--num-examples", "2"]
+    assert main(["eval", str(trained), *flags, "--json", str(report_path)]) == 0
+    assert json.loads(report_path.read_text())["memory_forget_scale"] == 1.0  # as saved
+    capsys.readouterr()
+    assert main(["eval", str(trained), *flags, "--forget-scale", "0.25", "--json", str(report_path)]) == 0
+    assert "memory on, forget scale 0.25," in capsys.readouterr().out
+    report = json.loads(report_path.read_text())
+    assert report["memory_forget_scale"] == 0.25
+    # The same answers as the model loaded with the scale as a config override, the transformers way.
+    model = AutoModelForCausalLM.from_pretrained(trained, memory_forget_scale=0.25)
+    expected = task_accuracy(model, AutoTokenizer.from_pretrained(trained), "passkey", 200, 60, 2)
+    assert [r["generated"] for r in report["results"][0]["examples"]] == [r["generated"] for r in expected["examples"]]
 
 
 def test_resume_continues_the_step_count_and_the_loss_curve(tmp_path):
@@ -220,6 +237,8 @@ def test_generate_and_eval_reject_folders_without_a_model(tmp_path, capsys, trai
         (["--lengths", "50"], ["Length 50 does not fit the passkey task: use 169 to"]),
         (["--lengths", "200", "--distances", "5"], ["Needle distance 5 does not fit length 200"]),
         (["--num-examples", "0"], ["--num-examples 0: must be at least 1"]),
+        (["--forget-scale", "-1"], ["--forget-scale -1.0: must be a finite number >= 0"]),
+        (["--forget-scale", "nan"], ["--forget-scale nan: must be a finite number >= 0"]),
     ],
 )
 def test_eval_rejects_bad_input(trained, capsys, flags, fragments):

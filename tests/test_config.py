@@ -31,6 +31,9 @@ from modeling_titans.configuration.configuration_titans import VARIANTS
         ({"num_persistent_tokens": -1}, "num_persistent_tokens", ">= 0"),
         ({"memory_lr_max": 0.0}, "memory_lr_max", "> 0"),
         ({"memory_forget_init": 0.0}, "memory_forget_init", "strictly between 0 and 1"),
+        ({"memory_forget_scale": -0.5}, "memory_forget_scale", "finite number >= 0"),
+        ({"memory_forget_scale": float("inf")}, "memory_forget_scale", "finite number >= 0"),
+        ({"memory_forget_scale": "0.5"}, "memory_forget_scale", "finite number >= 0"),
         ({"memory_momentum_init": 1.0}, "memory_momentum_init", "strictly between 0 and 1"),
         ({"memory_lr_init": 1.5}, "memory_lr_init", "strictly between 0 and 1"),
         ({"gate_activation": "swoosh"}, "gate_activation", "must be one of"),
@@ -96,7 +99,8 @@ def test_unknown_preset_lists_the_available_ones():
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_save_and_load_round_trip(tmp_path, variant):
     config = TitansConfig.from_preset(
-        "tiny", variant=variant, use_momentum=False, conv_kernel_size=3, gate_activation="tanh", memory_lr_max=0.5
+        "tiny", variant=variant, use_momentum=False, conv_kernel_size=3, gate_activation="tanh", memory_lr_max=0.5,
+        memory_forget_scale=0.25,
     )
     config.save_pretrained(tmp_path)
     for loaded in (TitansConfig.from_pretrained(tmp_path), AutoConfig.from_pretrained(tmp_path)):

@@ -119,6 +119,34 @@ def test_per_layer_gates_keep_the_cache_and_padding_exact(variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+def test_forget_scale_stretches_the_forgetting_and_zero_switches_it_off(variant):
+    """`memory_forget_scale` s reads the forgetting as s log(1 - alpha_t): s = 0 computes what the same model
+    without a forget gate computes, and any s keeps prefill + decode equal to the full forward."""
+    model = tiny_model(variant)
+    with torch.no_grad():  # a forgetting that depends on the token and shows within a short input
+        for layer in model.model.layers:
+            layer.mixer.memory.forget_gate.bias.fill_(-3.0)
+            layer.mixer.memory.forget_gate.weight.normal_(0.0, 0.3)
+    input_ids = random_ids(2, 3 * SEQ_LEN // 2)
+    as_trained = full_logits(model, input_ids)
+    memory = model.model.layers[0].mixer.memory
+    x = torch.randn(2, SEQ_LEN, model.config.hidden_size)
+    log_retain = memory.gates(x)[0]
+
+    model.config.memory_forget_scale = 0.5  # every memory layer reads the model's config at each call
+    torch.testing.assert_close(memory.gates(x)[0], 0.5 * log_retain, rtol=0, atol=0)
+    half = full_logits(model, input_ids)
+    assert (half - as_trained).abs().max() > 1e-4
+    torch.testing.assert_close(prefill_then_decode(model, input_ids, SEQ_LEN // 2 + 1), half, rtol=0, atol=1e-4)
+
+    model.config.memory_forget_scale = 0.0
+    without_forgetting = tiny_model(variant, use_forgetting=False)
+    transplant(model, without_forgetting)
+    expected = full_logits(without_forgetting, input_ids)
+    torch.testing.assert_close(full_logits(model, input_ids), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_switching_memory_writes_off_changes_the_output_and_back_on_restores_it(variant):
     model = tiny_model(variant)
     input_ids = random_ids(1, SEQ_LEN)

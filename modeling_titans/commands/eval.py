@@ -2,6 +2,7 @@
 
     titans eval runs/passkey --task passkey --lengths 256,1024 --distances 64,512 --json results.json
     titans eval runs/passkey --task passkey --no-memory      # the same model with its memory frozen at M_0
+    titans eval runs/passkey --lengths 65536 --forget-scale 0   # the memory forgets nothing at test time
     titans eval runs/book --text-file held_out.txt --lengths 512,2048   # bits per byte at each context length
 
 Task mode: exact-match accuracy of greedy answers per context length and needle distance (see
@@ -13,9 +14,12 @@ model's own tokens, and `/ window` divides that by the attention window.
 Text mode (`--text-file`): bits per byte and perplexity, the text cut into sequences of each length, every
 sequence scored from a fresh memory. `--no-memory` calls `model.set_memory_writes(False)`: the neural memory
 stops learning at test time, which leaves only what attention sees (the ablation that shows what the memory adds).
+`--forget-scale S` reads the memory's forgetting as S log(1 - alpha_t) (the config's `memory_forget_scale`): below
+1 the memory keeps its writes longer than it learned to, for contexts longer than the training ones.
 """
 
 import json
+import math
 import os
 
 from . import CommandError
@@ -37,6 +41,10 @@ def add_parser(subparsers):
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-memory", action="store_true", help="freeze the neural memory (no test-time writes)")
+    parser.add_argument(
+        "--forget-scale", type=float, metavar="S",
+        help="multiply the memory's log(1 - alpha_t) by S (memory_forget_scale; 0: no forgetting; default: as saved)",
+    )
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--json", metavar="OUT", help="write the results (and every answer) to this JSON file")
     parser.set_defaults(run=run)
@@ -79,18 +87,28 @@ def run(args) -> int:
             except ValueError as error:
                 raise CommandError(str(error)) from None
 
+    if args.forget_scale is not None and not 0.0 <= args.forget_scale < math.inf:
+        raise CommandError(f"--forget-scale {args.forget_scale}: must be a finite number >= 0.")
+
     model, tokenizer = load_model_and_tokenizer(args.model_dir, device=args.device)
+    is_titans = model.config.model_type == "titans"
+    for flag, given in (("--no-memory", args.no_memory), ("--forget-scale", args.forget_scale is not None)):
+        if given and not is_titans:
+            raise CommandError(f"{flag} needs a Titans model; {args.model_dir} holds a {model.config.model_type}.")
     if args.no_memory:
-        if not hasattr(model, "set_memory_writes"):
-            raise CommandError(f"--no-memory needs a Titans model; {args.model_dir} holds a {model.config.model_type}.")
         model.set_memory_writes(False)
+    if args.forget_scale is not None:
+        model.config.memory_forget_scale = args.forget_scale  # the memory layers read it at every call
+    memory = {"memory": not args.no_memory}
+    if is_titans:
+        memory["memory_forget_scale"] = model.config.memory_forget_scale
     if text is not None:
         results = score_text(model, tokenizer, text, cells, args)
-        report = {"model": args.model_dir, "text_file": args.text_file, "memory": not args.no_memory, "results": results}
+        report = {"model": args.model_dir, "text_file": args.text_file, **memory, "results": results}
     else:
         results = answer_task(model, tokenizer, task, cells, args)
-        report = {"model": args.model_dir, "task": task, "split": args.split, "memory": not args.no_memory,
-                  "seed": args.seed, "results": results}
+        report = {"model": args.model_dir, "task": task, "split": args.split, **memory, "seed": args.seed,
+                  "results": results}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
@@ -112,6 +130,12 @@ def read_texts(path: str) -> list[str]:
     from ..data import load_text_dataset
 
     return list(load_text_dataset([path])["text"])
+
+
+def memory_label(args) -> str:
+    """How the memory ran, for the printed tables."""
+    label = "off (--no-memory)" if args.no_memory else "on"
+    return label if args.forget_scale is None else f"{label}, forget scale {args.forget_scale:g}"
 
 
 def parse_ints(flag: str, text: str) -> list[int]:
@@ -140,8 +164,7 @@ def answer_task(model, tokenizer, task: str, cells, args) -> list[dict]:
                 )
             )
     window = attention_reach(model.config) if getattr(model.config, "model_type", None) == "titans" else None
-    memory = "off (--no-memory)" if args.no_memory else "on"
-    print(f"\n{task} ({args.split} split), memory {memory}, {args.model_dir}")
+    print(f"\n{task} ({args.split} split), memory {memory_label(args)}, {args.model_dir}")
     header = f"{'length':>8} {'distance':>9} {'tokens':>8} {'/ window':>9} {'accuracy':>9}  correct"
     print(header)
     print("-" * len(header))
@@ -171,8 +194,7 @@ def score_text(model, tokenizer, texts: list[str], lengths: list[int], args) -> 
                 )
             except ValueError as error:
                 raise CommandError(f"{args.text_file}: {error}") from None
-    memory = "off (--no-memory)" if args.no_memory else "on"
-    print(f"\n{args.text_file}, memory {memory}, {args.model_dir}")
+    print(f"\n{args.text_file}, memory {memory_label(args)}, {args.model_dir}")
     header = f"{'length':>8} {'sequences':>10} {'bits/byte':>10} {'perplexity':>11}"
     print(header)
     print("-" * len(header))

@@ -4,6 +4,7 @@
 """
 
 import json
+import math
 import os
 
 from transformers import PreTrainedConfig
@@ -76,6 +77,11 @@ class TitansConfig(PreTrainedConfig):
       and the outer training diverges (`docs/architecture.md`, "The inner step").
     - `memory_forget_init`, `memory_momentum_init`, `memory_lr_init`: initial values of alpha, eta and
       theta / theta_max; they set the gate biases.
+    - `memory_forget_scale` (default 1.0): log(1 - alpha_t) is multiplied by it, so the memory retains what it
+      wrote 1 / scale times as long ((1 - alpha_t)^scale per token); 0 switches the forgetting off. A knob for
+      contexts longer than those trained on, as RoPE scaling is for positions: a model trained to 16K tokens
+      forgets needles 64K back at its learned rates and finds them with a smaller scale (`docs/architecture.md`,
+      "Forgetting at lengths beyond training").
     - `memory_gates_from_input` (default True): alpha_t, eta_t and theta_t are computed from each token; False
       makes each a learned constant per memory head (the data-independent gates of the paper's ablations).
     - `memory_per_layer_gates` (default False): each weight matrix of a deep memory gets its own alpha_t, eta_t and
@@ -120,6 +126,7 @@ class TitansConfig(PreTrainedConfig):
     conv_kernel_size: int = 4
     memory_lr_max: float = 1.0
     memory_forget_init: float = 0.001
+    memory_forget_scale: float = 1.0
     memory_momentum_init: float = 0.9
     memory_lr_init: float = 0.3
     memory_lr_relative: bool = True
@@ -212,6 +219,12 @@ class TitansConfig(PreTrainedConfig):
         )
         require(self.mac_memory_input in MAC_MEMORY_INPUTS, "mac_memory_input", f"must be one of {MAC_MEMORY_INPUTS}")
         require(self.memory_lr_max > 0, "memory_lr_max", "must be > 0")
+        require(
+            isinstance(self.memory_forget_scale, (int, float))
+            and not isinstance(self.memory_forget_scale, bool)
+            and 0.0 <= self.memory_forget_scale < math.inf,
+            "memory_forget_scale", "must be a finite number >= 0",
+        )
         for field in ("memory_forget_init", "memory_momentum_init", "memory_lr_init"):
             require(0.0 < getattr(self, field) < 1.0, field, "must lie strictly between 0 and 1")
         require(self.rms_norm_eps > 0, "rms_norm_eps", "must be > 0")

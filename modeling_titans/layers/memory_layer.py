@@ -158,7 +158,8 @@ class TitansNeuralMemory(nn.Module):
 
     def gates(self, x: torch.Tensor):
         """log(1 - alpha_t), log(eta_t) (None without momentum) and theta_t, each (batch, heads, T), in fp32; with
-        per-layer gates (layers, batch, heads, T), the op's layout for them (`ops.neural_memory`).
+        per-layer gates (layers, batch, heads, T), the op's layout for them (`ops.neural_memory`). The forgetting
+        is read as `memory_forget_scale` log(1 - alpha_t) (1 as trained; smaller retains longer).
 
         theta_t = theta_max sigmoid(.), divided by the chunk's gain chunk_size / (1 - eta_t) when
         `memory_lr_relative`: theta_max is then in units of the chunked inner loop's stability bound, whatever the
@@ -170,7 +171,10 @@ class TitansNeuralMemory(nn.Module):
             return per_token if self.gate_layers > 1 else per_token[0]
 
         lr = self.config.memory_lr_max * torch.sigmoid(logits(self.lr_gate))
-        log_retain = torch.zeros_like(lr) if self.forget_gate is None else F.logsigmoid(-logits(self.forget_gate))
+        if self.forget_gate is None:
+            log_retain = torch.zeros_like(lr)
+        else:
+            log_retain = F.logsigmoid(-logits(self.forget_gate)) * self.config.memory_forget_scale
         log_momentum = None if self.momentum_gate is None else F.logsigmoid(logits(self.momentum_gate))
         if self.config.memory_lr_relative:
             gain = self.chunk_size if log_momentum is None else self.chunk_size / -torch.expm1(log_momentum)
