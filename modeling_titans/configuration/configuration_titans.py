@@ -78,10 +78,10 @@ class TitansConfig(PreTrainedConfig):
     - `memory_forget_init`, `memory_momentum_init`, `memory_lr_init`: initial values of alpha, eta and
       theta / theta_max; they set the gate biases.
     - `memory_forget_scale` (default 1.0): log(1 - alpha_t) is multiplied by it, so the memory retains what it
-      wrote 1 / scale times as long ((1 - alpha_t)^scale per token); 0 switches the forgetting off. A knob for
-      contexts longer than those trained on, as RoPE scaling is for positions: a model trained to 16K tokens
-      forgets needles 64K back at its learned rates and finds them with a smaller scale (`docs/architecture.md`,
-      "Forgetting at lengths beyond training").
+      wrote 1 / scale times as long ((1 - alpha_t)^scale per token); 0 switches the forgetting off. A setting for
+      contexts longer than those the rates were learned on, as RoPE scaling is for positions: the passkey models
+      trained up to 16K-64K tokens forget a needle 64K back at their learned rates and find it with 0.25
+      (`docs/architecture.md`, "Forgetting at lengths beyond training").
     - `memory_gates_from_input` (default True): alpha_t, eta_t and theta_t are computed from each token; False
       makes each a learned constant per memory head (the data-independent gates of the paper's ablations).
     - `memory_per_layer_gates` (default False): each weight matrix of a deep memory gets its own alpha_t, eta_t and
