@@ -178,6 +178,10 @@ def main():
             runners["titans-pytorch default"] = titans_pytorch_runner(config, length, None, args.device)
             runners["titans-pytorch batch=chunk"] = titans_pytorch_runner(config, length, chunk, args.device)
         for name, run in runners.items():
+            if name.endswith("compiled steps"):
+                # Fresh graphs for each cell: every length and segment size brings its own strides, and past
+                # dynamo's recompile limit the steps would fall back to eager in the timed runs.
+                torch._dynamo.reset()
             watch = best_time(run, args.repeats, args.device)
             seconds = watch.cpu if args.device == "cpu" else watch.wall
             row = {"impl": name, "tokens": length, "tok/s": length / seconds, "ms": seconds * 1e3}
