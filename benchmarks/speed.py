@@ -93,7 +93,6 @@ def train_step(
     warmup_shape = (batch_size, length) if compiled_scan else (1, warmup_length)
     warmup = torch.randint(3, vocab, warmup_shape, device=device)
     training_loss(model, name, warmup).backward()  # allocator, kernels
-    model.zero_grad(set_to_none=True)
     input_ids = torch.randint(3, vocab, (batch_size, length), device=device)
     walls, cpus = [], []
     for _ in range(timed_steps):

@@ -142,11 +142,10 @@ class TitansModel(TitansPreTrainedModel):
 
     def set_memory_scan_compiled(self, enabled: bool = True):
         """Runs the per-chunk steps of every layer's memory scan (training and prefill; not the one-token decoding
-        step) through `torch.compile`: the same numbers, 1.0-1.7x the training speed of the model in our CPU runs (the
-        op's elementwise passes over the memory state fuse; `benchmarks/README.md`), after a compilation of ~30 s on
-        first use. Compiling the
-        whole model instead (`torch.compile(model)`) unrolls the scan's chunk loop, which compiles for many minutes
-        at each training length."""
+        step) through `torch.compile`: the same numbers, 1.0-1.7x the training speed of the model in our CPU runs
+        (the op's elementwise passes over the memory state fuse; `benchmarks/README.md`), after a compilation of
+        ~30 s on first use. Compiling the whole model instead (`torch.compile(model)`) unrolls the scan's chunk
+        loop, which compiles for many minutes at each training length."""
         for memory in self.memories():
             memory.compile_scan = enabled
 
