@@ -35,6 +35,13 @@ def check_task_cell(task: str, length: int, distance: int | None) -> tuple[int, 
     return lowest, highest
 
 
+def default_distances(task: str, length: int) -> list[int]:
+    """Three needle distances for a context of `length` tokens: the nearest, the middle and the farthest it allows
+    (fewer when they coincide); ValueError for a length out of range."""
+    lowest, highest = check_task_cell(task, length, None)
+    return sorted({lowest, (lowest + highest) // 2, highest})
+
+
 def sequence_length_for(task: str, distance: int) -> int:
     """The shortest sequence (tokens, with <s> and </s>) whose examples can put the needle at `distance`."""
     probe = minimum_length(task)

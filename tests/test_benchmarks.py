@@ -70,6 +70,47 @@ def test_long_context_recall_task_mix_trains_one_model_for_all_tasks(tmp_path):
     assert {(r["model"], r["task"]) for r in results["rows"]} == {("lmm", "passkey"), ("lmm", "recall")}
 
 
+def test_passkey_curriculum_trains_each_phase_and_scores_each_setting(tmp_path):
+    results = run_smoke("passkey_curriculum", ["--forget-scales", "1", "0.5"], tmp_path)
+    phases = [(p["length"], p["steps"], p["batch_size"], p["seed"]) for p in results["phases"]]
+    assert phases == [(176, 2, 1, 0), (176, 1, 2, 3)]
+    # The demo's model, then one saved model per phase, each continuing the one before.
+    assert sorted(os.listdir(tmp_path / "models")) == ["demo", "phase1-176", "phase2-176"]
+    settings = [(r["forget_scale"], r["memory_writes"]) for r in results["rows"]]
+    assert list(dict.fromkeys(settings)) == [(1.0, True), (0.5, True), (1.0, False)]  # the control last
+    distances = [r["needle_distance"] for r in results["rows"] if r["forget_scale"] == 0.5]
+    assert len(distances) == 3 and distances == sorted(distances)
+    assert all(r["total"] == 2 and 0.0 <= r["accuracy"] <= 1.0 for r in results["rows"])
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--phases", "4096:300:2"], "expected LENGTH:STEPS:BATCH:LEARNING_RATE[:SEED]"),
+        (["--phases", "4096:3:x:1e-3"], "LENGTH, STEPS, BATCH and SEED are integers"),
+        (["--phases", "4096:0:2:1e-3"], "must be at least 1, the learning rate positive"),
+        (["--eval-lengths", "100"], "Length 100 does not fit the passkey task"),
+        (["--forget-scales", "-1"], "each must be a finite number >= 0"),
+    ],
+)
+def test_passkey_curriculum_rejects_bad_settings_before_training(tmp_path, flags, message):
+    command = [sys.executable, os.path.join(BENCHMARKS_DIR, "passkey_curriculum.py"), "--out", str(tmp_path),
+               "--train-dir", str(tmp_path / "models"), *flags]
+    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and message in result.stderr
+    assert result.stderr.strip().count("\n") == 0  # one line
+    assert not os.path.exists(tmp_path / "models")
+
+
+def test_passkey_curriculum_keeps_an_existing_train_dir(tmp_path):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "mine.txt").write_text("a user's file")
+    command = [sys.executable, os.path.join(BENCHMARKS_DIR, "passkey_curriculum.py"), "--smoke", "--out", str(tmp_path)]
+    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "is not empty" in result.stderr
+    assert os.listdir(tmp_path / "models") == ["mine.txt"]
+
+
 def test_speed_rows_cover_models_and_lengths(tmp_path):
     results = run_smoke("speed", ["--models", "lmm", "llama"], tmp_path)
     train = {(r["model"], r["tokens"]) for r in results["rows"]}

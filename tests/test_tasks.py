@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+from modeling_titans.evaluation import default_distances
 from modeling_titans.tasks import (
     SPLITS,
     TASKS,
@@ -137,6 +138,15 @@ def test_needles_land_at_the_distance_asked(task, length):
         for example in generate_examples(task, "validation", 3, length, seed=2, needle_distance=distance):
             check_example(example, length)
             assert example.needle_distance == distance
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_default_distances_are_the_nearest_middle_and_farthest_needle(task):
+    for length in (300, 16384):
+        lowest, highest = needle_distance_range(task, length - 2)  # the length counts <s> and </s>
+        assert default_distances(task, length) == [lowest, (lowest + highest) // 2, highest]
+    with pytest.raises(ValueError, match="does not fit"):
+        default_distances(task, 10)
 
 
 @pytest.mark.parametrize("task", TASKS)

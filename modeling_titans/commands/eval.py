@@ -52,7 +52,7 @@ def add_parser(subparsers):
 
 def run(args) -> int:
     from ..checkpoints import load_model_and_tokenizer
-    from ..evaluation import MAX_EVAL_LENGTH, check_task_cell
+    from ..evaluation import MAX_EVAL_LENGTH, check_task_cell, default_distances
     from ..tasks import TASKS
 
     trained = read_training_summary(args.model_dir)
@@ -80,8 +80,7 @@ def run(args) -> int:
         cells = []
         for length in lengths:
             try:
-                lowest, highest = check_task_cell(task, length, None)
-                for distance in distances or sorted({lowest, (lowest + highest) // 2, highest}):
+                for distance in distances or default_distances(task, length):
                     check_task_cell(task, length, distance)
                     cells.append((length, distance))
             except ValueError as error:
