@@ -13,7 +13,8 @@ length (attention alone, which cannot reach those needles).
     python benchmarks/passkey_curriculum.py --variant mag --phases 4096:300:2:1e-3 16384:80:1:5e-4
 
 A phase is LENGTH:STEPS:BATCH:LEARNING_RATE[:SEED], SEED the seed of its training examples (default --seed).
-The default is the MAL recipe of benchmarks/README.md ("Recall at 16K-64K"), ~30 CPU-minutes with the demo.
+The default is the MAL recipe of benchmarks/README.md ("Recall at 16K-64K"): ~28 CPU-minutes of training with the
+demo, ~35 with the scoring.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def add_arguments(parser):
                         "`titans demo --variant VARIANT` into TRAIN_DIR/demo)")
     parser.add_argument("--phases", nargs="+", default=DEFAULT_PHASES, metavar="LEN:STEPS:BATCH:LR[:SEED]")
     parser.add_argument("--train-dir", default=os.path.join("runs", "passkey_curriculum"),
-                        help="where the demo and each phase's model are saved; must not exist yet")
+                        help="where the demo and each phase's model are saved; must be new or empty")
     parser.add_argument("--eval-lengths", type=int, nargs="+", default=[16384, 65536])
     parser.add_argument("--forget-scales", type=float, nargs="+", default=[1.0], help="memory_forget_scale values")
     parser.add_argument("--eval-examples", type=int, default=20, help="examples per length and needle distance")
@@ -85,7 +86,7 @@ def main():
         vars(args).update(SMOKE, train_dir=os.path.join(args.out, "models"))
     try:
         phases = [parse_phase(text, args.seed) for text in args.phases]
-        check_settings(args)
+        check_settings(args, phases)
     except ValueError as error:
         raise SystemExit(f"passkey_curriculum: {error}") from None
 
@@ -109,12 +110,20 @@ def main():
     plot(args, rows)
 
 
-def check_settings(args):
+def check_settings(args, phases: list[Phase]):
     """ValueError for settings that cannot run, before any training."""
     from modeling_titans.evaluation import default_distances
+    from modeling_titans.tasks import minimum_length
 
+    shortest = minimum_length(TASK) + 2  # + <s> and </s>
+    for phase in phases:
+        if phase.length < shortest:
+            needed = f"a {TASK} training sequence needs at least {shortest} tokens"
+            raise ValueError(f"phase length {phase.length}: {needed}")
     for length in args.eval_lengths:
         default_distances(TASK, length)
+    if args.start is not None and not os.path.isdir(args.start):
+        raise ValueError(f"--start {args.start}: no such folder")
     if not all(0 <= scale < float("inf") for scale in args.forget_scales):
         raise ValueError(f"--forget-scales {args.forget_scales}: each must be a finite number >= 0")
     if min(args.eval_examples, args.eval_batch_size) < 1:

@@ -89,7 +89,9 @@ def test_passkey_curriculum_trains_each_phase_and_scores_each_setting(tmp_path):
         (["--phases", "4096:300:2"], "expected LENGTH:STEPS:BATCH:LEARNING_RATE[:SEED]"),
         (["--phases", "4096:3:x:1e-3"], "LENGTH, STEPS, BATCH and SEED are integers"),
         (["--phases", "4096:0:2:1e-3"], "must be at least 1, the learning rate positive"),
+        (["--phases", "100:3:2:1e-3"], "phase length 100: a passkey training sequence needs at least 169 tokens"),
         (["--eval-lengths", "100"], "Length 100 does not fit the passkey task"),
+        (["--start", "no/such/model"], "--start no/such/model: no such folder"),
         (["--forget-scales", "-1"], "each must be a finite number >= 0"),
     ],
 )
