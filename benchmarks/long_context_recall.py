@@ -178,11 +178,11 @@ def cell_key(cell: dict) -> tuple:
 def main():
     args = parse_args(__doc__.splitlines()[0], add_arguments)
     from modeling_titans import TitansByteTokenizer
-    from modeling_titans.tasks import minimum_length
+    from modeling_titans.tasks import shortest_sequence
 
     if args.smoke:
         vars(args).update(SMOKE, train_dir=os.path.join(args.out, "models"), retrain=True, rescore=True)
-        shortest = max(minimum_length(task) for task in args.tasks) + 2
+        shortest = max(shortest_sequence(task) for task in args.tasks)
         args.seq_lens, args.lengths = [shortest], [shortest + 8]
     tokenizer = TitansByteTokenizer()
     trained = [(tasks, train_missing(args, tokenizer, tasks, root)) for tasks, root in training_runs(args)]

@@ -113,9 +113,9 @@ def main():
 def check_settings(args, phases: list[Phase]):
     """ValueError for settings that cannot run, before any training."""
     from modeling_titans.evaluation import default_distances
-    from modeling_titans.tasks import minimum_length
+    from modeling_titans.tasks import shortest_sequence
 
-    shortest = minimum_length(TASK) + 2  # + <s> and </s>
+    shortest = shortest_sequence(TASK)
     for phase in phases:
         if phase.length < shortest:
             needed = f"a {TASK} training sequence needs at least {shortest} tokens"
@@ -163,23 +163,17 @@ def train_phase(model, tokenizer, phase: Phase, index: int, args) -> dict:
 
 def score(model, tokenizer, length: int, forget_scale: float, memory_writes: bool, args) -> list[dict]:
     """One row per needle distance: exact and per-digit accuracy at `length` with the given memory setting."""
-    from modeling_titans.evaluation import default_distances, task_accuracy
+    from modeling_titans.demo import recall
+    from modeling_titans.evaluation import default_distances
 
     as_trained = model.config.memory_forget_scale
     model.config.memory_forget_scale = forget_scale  # the memory layers read it at every call
-    model.set_memory_writes(memory_writes)
     try:
-        cells = [
-            task_accuracy(model, tokenizer, TASK, length, distance, args.eval_examples, args.split, args.seed,
-                          batch_size=args.eval_batch_size)
-            for distance in default_distances(TASK, length)
-        ]
+        cells = recall(model, tokenizer, length, default_distances(TASK, length), args.eval_examples, args.seed,
+                       memory_writes, split=args.split, batch_size=args.eval_batch_size)
     finally:
         model.config.memory_forget_scale = as_trained
-        model.set_memory_writes(True)
-    keys = ("needle_distance", "correct", "total", "accuracy", "digit_accuracy")
-    return [{"length": length, "forget_scale": forget_scale, "memory_writes": memory_writes,
-             **{key: cell[key] for key in keys}} for cell in cells]
+    return [{"length": length, "forget_scale": forget_scale, "memory_writes": memory_writes, **cell} for cell in cells]
 
 
 def plot(args, rows):

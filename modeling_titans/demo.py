@@ -61,12 +61,14 @@ def train_on_passkey(config, tokenizer, seq_lens, seed, memory_writes=True, **re
     return model.eval(), history
 
 
-def recall(model, tokenizer, length: int, distances: list[int], num_examples: int, seed: int, memory_writes: bool):
-    """Exact-match and per-digit accuracy of greedy answers on the test split, one cell per needle distance."""
+def recall(model, tokenizer, length: int, distances: list[int], num_examples: int, seed: int, memory_writes: bool,
+           split: str = "test", batch_size: int = 25):
+    """Exact-match and per-digit accuracy of greedy answers on `split`, one cell per needle distance, with the
+    memory's test-time writes on or off (on again afterwards)."""
     model.set_memory_writes(memory_writes)
     try:
         cells = [
-            task_accuracy(model, tokenizer, TASK, length, distance, num_examples, "test", seed, batch_size=25)
+            task_accuracy(model, tokenizer, TASK, length, distance, num_examples, split, seed, batch_size=batch_size)
             for distance in distances
         ]
     finally:

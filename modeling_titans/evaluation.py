@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from .tasks import answer_is_correct, generate_examples, minimum_length, needle_distance_range
+from .tasks import answer_is_correct, generate_examples, minimum_length, needle_distance_range, shortest_sequence
 
 # The longest context `titans eval` builds examples for: far beyond what any CPU run scores, and a guard against
 # a typo (an extra zero) that would otherwise allocate gigabytes before failing.
@@ -26,7 +26,7 @@ MAX_EVAL_LENGTH = 1_048_576
 
 def check_task_cell(task: str, length: int, distance: int | None) -> tuple[int, int]:
     """The needle distances a context of `length` tokens allows; ValueError for a length or distance out of range."""
-    shortest = minimum_length(task) + 2  # + <s> and </s>
+    shortest = shortest_sequence(task)
     if not shortest <= length <= MAX_EVAL_LENGTH:
         raise ValueError(f"Length {length} does not fit the {task} task: use {shortest} to {MAX_EVAL_LENGTH:,} tokens.")
     lowest, highest = needle_distance_range(task, length - 2)

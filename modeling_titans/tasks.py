@@ -498,6 +498,11 @@ def minimum_length(task: str, **options) -> int:
     return lowest - highest  # highest grows one for one with the length
 
 
+def shortest_sequence(task: str) -> int:
+    """The shortest sequence of `task` a model trains or is scored on: `minimum_length` plus `<s>` and `</s>`."""
+    return minimum_length(task) + 2
+
+
 def needle_distance_range(task: str, length: int, **options) -> tuple[int, int]:
     """The needle distances every example of `task` at `length` can take (inclusive); ValueError if none."""
     lowest, highest = get_task(task, **options).distance_range(length)

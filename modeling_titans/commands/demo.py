@@ -97,7 +97,7 @@ def run(args) -> int:
 
 def check_arguments(args) -> list[int]:
     """The curriculum's sequence lengths; CommandError for values that cannot run."""
-    from ..tasks import minimum_length
+    from ..tasks import shortest_sequence
 
     for flag in ("steps", "batch_size", "eval_every", "eval_examples", "threads"):
         value = getattr(args, flag)
@@ -109,7 +109,7 @@ def check_arguments(args) -> list[int]:
         seq_lens = [int(item) for item in args.seq_lens.split(",") if item.strip()]
     except ValueError as error:
         raise CommandError(f"--seq-lens {args.seq_lens!r}: expected comma-separated integers, e.g. 192,384.") from error
-    shortest = minimum_length("passkey") + 2  # + <s> and </s>
+    shortest = shortest_sequence("passkey")
     if not seq_lens or min(seq_lens) < shortest:
         raise CommandError(f"--seq-lens {args.seq_lens!r}: every length must be at least {shortest} for passkey.")
     if args.steps < len(seq_lens):

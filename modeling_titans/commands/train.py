@@ -204,7 +204,7 @@ def run(args) -> int:
 
 def check_arguments(model_args, data_args, training_args) -> list[int]:
     """The training sequence length(s); CommandError for settings that cannot run, before any heavy work."""
-    from ..tasks import TASKS, minimum_length
+    from ..tasks import TASKS, shortest_sequence
 
     if training_args.max_steps < 1:
         raise CommandError(f"--max-steps {training_args.max_steps}: must be at least 1.")
@@ -235,7 +235,7 @@ def check_arguments(model_args, data_args, training_args) -> list[int]:
     if data_args.task:
         if data_args.task not in TASKS:
             raise CommandError(f"Unknown task {data_args.task!r}; available: {', '.join(TASKS)}.")
-        shortest = minimum_length(data_args.task) + 2  # + <s> and </s>
+        shortest = shortest_sequence(data_args.task)
         if min(seq_lens) < shortest:
             raise CommandError(
                 f"--seq-len {min(seq_lens)} is too short for the {data_args.task} task: use at least {shortest}."
