@@ -5,14 +5,17 @@ parameters, equal to one process training on the combined batches (DDP averages 
 starts two Python processes, about 15-20 s here.
 """
 
+import contextlib
 import importlib.util
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -35,14 +38,30 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(launcher_args: list[str], script_args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", *launcher_args, *script_args], cwd=cwd, env=env, capture_output=True, text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+def launch(launcher_args: list[str], script_args: list[str], cwd: Path, timeout: float = 300) -> None:
+    """Runs the launcher; if it has not finished after `timeout` seconds, its workers and then the launcher get
+    SIGABRT, on which Python (PYTHONFAULTHANDLER) prints each thread's stack into the output: the test fails with
+    where every process was, and leaves none behind (torchrun starts its workers in sessions of their own, so they
+    are found as the launcher's descendants, not through its process group)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONFAULTHANDLER": "1"}
+    command = [sys.executable, "-m", *launcher_args, *script_args]
+    with subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True) as process:
+        try:
+            output, _ = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            launcher = psutil.Process(process.pid)
+            workers = launcher.children(recursive=True)
+            for target in [*workers, launcher]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    target.send_signal(signal.SIGABRT)
+                psutil.wait_procs([target], timeout=10)
+            for target in [*workers, launcher]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    target.kill()
+            output, _ = process.communicate()
+            pytest.fail(f"{command} did not finish in {timeout} s; the stacks at SIGABRT:\n{output[-8000:]}")
+    assert process.returncode == 0, output[-6000:]
 
 
 def single_process_reference(worker, variant: str, world_size: int) -> dict[str, torch.Tensor]:
