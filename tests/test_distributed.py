@@ -22,6 +22,8 @@ from transformers import AutoModelForCausalLM
 
 from modeling_titans import TitansForCausalLM
 
+pytestmark = pytest.mark.slow  # each test starts a launcher and two Python processes: ~20-40 s
+
 WORKER = Path(__file__).parent / "ddp_worker.py"
 
 
