@@ -198,6 +198,11 @@ def run(args) -> int:
         # Under torchrun / accelerate: every rank waits for rank 0's files, then the process group is torn down
         # before exit (left to the interpreter's exit, gloo's threads could abort a rank: "terminate called ...").
         trainer.accelerator.wait_for_everyone()
+        # After the barrier returns, a gloo worker thread still frees its work (and the collectives it waited for)
+        # while holding the group's lock, and needs the GIL for their tensors. Tearing the group down now (here, or
+        # when the DDP model is freed on return) would wait for that lock while holding the GIL: a deadlock, seen
+        # in a gdb backtrace of a hung rank. Sleeping hands the GIL to that thread first.
+        time.sleep(0.5)
         torch.distributed.destroy_process_group()
     return 0
 
