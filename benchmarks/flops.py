@@ -59,9 +59,11 @@ def forward_flops_per_token(config, length: int) -> dict[str, float]:
 
 
 def memory_op_flops(length: int, chunk: int, dims: list[int], heads: int, batch: int = 1, momentum: bool = True,
-                    gate_layers: int = 1) -> int:
+                    gate_layers: int = 1, forget_channels: int = 1) -> int:
     """Forward matmul FLOPs of the chunked memory scan over `length` tokens (rounded up to whole chunks) for a
-    network of widths `dims`; `gate_layers` gate sets with per-layer gates.
+    network of widths `dims`; `gate_layers` gate sets with per-layer gates; `forget_channels` alphas per head
+    (per-channel forgetting: the gate algebra runs per channel, and the reads weight each channel's scores
+    elementwise instead of by a matmul).
 
     Per chunk of c tokens and head, for the weight matrices d_{l-1} x d_l (`chunk_update` in
     `modeling_titans/ops/neural_memory.py`): the gradient factors 2c d_{l-1} d_l (forward) + 2c d_l d_{l-1}
@@ -70,11 +72,12 @@ def memory_op_flops(length: int, chunk: int, dims: list[int], heads: int, batch:
     momentum, the gate algebra 2c^3 + 2c^2 per gate set.
     """
     states = 2 if momentum else 1
-    per_chunk = gate_layers * (2 * chunk**3 + 2 * chunk**2) if momentum else 0
+    per_chunk = gate_layers * forget_channels * (2 * chunk**3 + 2 * chunk**2) if momentum else 0
     for layer, (d_in, d_out) in enumerate(pairwise(dims)):
         per_chunk += 2 * chunk * d_in * d_out * (1 + (layer > 0))  # gradient factors
         per_chunk += 2 * chunk * d_in * d_out * states  # end state
-        per_chunk += 2 * chunk * d_in * d_out * states + 2 * chunk * chunk * (d_in + d_out)  # reads
+        weighted_errors = d_out if forget_channels == 1 else 0  # (C * scores) @ g
+        per_chunk += 2 * chunk * d_in * d_out * states + 2 * chunk * chunk * (d_in + weighted_errors)  # reads
     return per_chunk * heads * batch * -(-length // chunk)
 
 
@@ -89,15 +92,23 @@ def _memory_layer_dense(config) -> float:
     d = config.hidden_size
     gate_sets = 1 + config.use_forgetting + config.use_momentum  # theta, alpha, eta
     gate_layers = config.memory_depth if config.memory_per_layer_gates else 1
-    gates = 2 * d * gate_sets * gate_layers * config.memory_num_heads if config.memory_gates_from_input else 0
+    logits_per_head = gate_sets * gate_layers + _forget_channels(config) - 1  # alpha per channel: head_dim logits
+    gates = 2 * d * logits_per_head * config.memory_num_heads if config.memory_gates_from_input else 0
     return 2 * 5 * d * d + gates
+
+
+def _forget_channels(config) -> int:
+    return config.memory_head_dim if config.memory_forget_per_channel else 1
 
 
 def _memory_op_per_token(config) -> float:
     chunk = config.memory_chunk_size
     gate_layers = config.memory_depth if config.memory_per_layer_gates else 1
     dims, heads = memory_dims(config), config.memory_num_heads
-    return memory_op_flops(chunk, chunk, dims, heads, momentum=config.use_momentum, gate_layers=gate_layers) / chunk
+    return memory_op_flops(
+        chunk, chunk, dims, heads, momentum=config.use_momentum, gate_layers=gate_layers,
+        forget_channels=_forget_channels(config),
+    ) / chunk
 
 
 def main():

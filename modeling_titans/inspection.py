@@ -68,7 +68,7 @@ def _span_mask(length: int, start: int, end: int) -> torch.Tensor:
 
 def per_head(gate: torch.Tensor | None) -> torch.Tensor | None:
     """A gate of one token, (1, heads, 1), as (heads,); per-layer gates, (layers, 1, heads, 1), as one series per
-    weight matrix and head (layers * heads,)."""
+    weight matrix and head (layers * heads,), and so per-channel forgetting laid out as (channels, 1, heads, 1)."""
     return None if gate is None else gate.squeeze(-1).select(-2, 0).flatten()
 
 
@@ -83,7 +83,10 @@ class _Recorder:
         x, tokens, state = args
         state = state if state is not None else module.initial_state(x.shape[0])
         _, new_state = output
-        log_retain, log_momentum, lr = (per_head(g) for g in module.gates(x))
+        log_retain, log_momentum, lr = module.gates(x)
+        if module.config.memory_forget_per_channel:  # (1, heads, 1, channels): a series per channel and head
+            log_retain = log_retain.permute(3, 0, 1, 2)
+        log_retain, log_momentum, lr = (per_head(g) for g in (log_retain, log_momentum, lr))
         _, k, v, _ = module.project(x, tokens, state)
         tape = {}  # the raw gradient, before any normalisation of the inner step (`MemoryMLP.normalize_gradient`)
         module.network.gradient_factors(state.snapshot, k.float(), v.float(), tape)

@@ -165,6 +165,8 @@ def test_memory_op_flops_counts_one_chunk_by_hand():
         ("mag", {"use_momentum": False, "memory_depth": 1}),
         ("mal", {"memory_per_layer_gates": True, "memory_depth": 3, "use_forgetting": False}),
         ("lmm", {"memory_gates_from_input": False}),
+        ("mag", {"memory_depth": 1, "memory_forget_per_channel": True}),
+        ("mal", {"memory_depth": 1, "memory_forget_per_channel": True, "use_momentum": False}),
         ("mag", {"mixer_types": ["swa", "mag"], "num_persistent_tokens": 0}),
     ],
 )

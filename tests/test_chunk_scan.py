@@ -117,6 +117,14 @@ def test_per_layer_gates_with_trailing_padding():
     compare(m0, p, 4, write_mask=write_mask, forgetting=True, scan_kw={"segment_chunks": 2})
 
 
+def test_per_channel_forgetting_is_refused_not_mistaken():
+    """One alpha per output channel is for the autograd scan: the checkpointed one, whose hand-derived backward is
+    written for one alpha per head, raises instead of returning wrong gradients."""
+    m0, p = make_problem(1, 8, seed=42, per_channel=True)
+    with pytest.raises(ValueError, match="per-channel forgetting runs on neural_memory_scan"):
+        scan_outputs(checkpointed_memory_scan, m0, [p[n] for n in NAMES], 4)
+
+
 @pytest.mark.parametrize("segment_chunks", [1, 2, 3, 100])
 def test_any_spacing_of_saved_states(segment_chunks):
     """k = 1 (every boundary saved, no replay), segments that do not divide the chunks, one segment for all."""

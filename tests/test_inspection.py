@@ -60,6 +60,24 @@ def test_trace_holds_the_memorys_own_numbers(variant):
     torch.testing.assert_close(trace.layers[0]["surprise"][0].double(), expected, rtol=1e-4, atol=1e-6)
 
 
+def test_trace_shows_each_channels_forgetting():
+    """With `memory_forget_per_channel`, alpha is one series per channel and head, the decoding step's own."""
+    model = tiny_model("mag", memory_depth=1, memory_forget_per_channel=True)
+    ids = random_ids(1, 5)
+    layer = trace_memory(model, ids).layers[0]
+    heads, channels = model.config.memory_num_heads, model.config.memory_head_dim
+    assert layer["forget"].shape == (5, channels * heads) and layer["inner_lr"].shape == (5, heads)
+    memory = model.model.layers[0].mixer.memory
+    inputs = []
+    handle = memory.register_forward_hook(lambda module, args, output: inputs.append(args[0]))
+    with torch.no_grad():
+        model(ids[:, :1], cache=TitansCache(model.config), use_cache=True)
+        first = memory.forget_gate(inputs[0])
+    handle.remove()
+    expected = torch.sigmoid(first[0, 0].view(heads, channels)).t().flatten()  # channel-major, as traced
+    torch.testing.assert_close(layer["forget"][0], expected)
+
+
 def test_inspect_command_marks_the_needle(tmp_path, capsys):
     model = tiny_model("mag")
     model.save_pretrained(tmp_path / "model")

@@ -65,6 +65,7 @@ ABLATIONS = [
     {"memory_depth": 1},
     {"memory_gates_from_input": False},
     {"memory_per_layer_gates": True},
+    {"memory_depth": 1, "memory_forget_per_channel": True},
 ]
 
 
@@ -94,17 +95,29 @@ def test_ablation_switch_builds_a_working_model_that_computes_something_else(var
     # Training through the ablated model is covered by test_outer_gradients_reach_every_parameter.
 
 
+GATE_OPTIONS = {
+    # every weight matrix of the deep memory its own alpha, eta and theta: one logit per matrix and head
+    "per_layer_gates": ({"memory_per_layer_gates": True}, "lr_gate", lambda config: config.memory_depth),
+    # the matrix memory's alpha per output channel: one logit per channel and head
+    "per_channel_forgetting": (
+        {"memory_depth": 1, "memory_forget_per_channel": True}, "forget_gate", lambda config: config.memory_head_dim
+    ),
+}
+
+
+@pytest.mark.parametrize("option", GATE_OPTIONS)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_per_layer_gates_keep_the_cache_and_padding_exact(variant):
-    """`memory_per_layer_gates`: every weight matrix of the deep memory gets its own alpha, eta and theta (one
-    logit per matrix and head). Prefill + decode still equals the full forward, and a left-padded row equals
-    its prompt alone."""
-    model = tiny_model(variant, memory_per_layer_gates=True)
+def test_gate_options_keep_the_cache_and_padding_exact(variant, option):
+    """`memory_per_layer_gates` and `memory_forget_per_channel`: more gate logits per head. Prefill + decode still
+    equals the full forward, and a left-padded row equals its prompt alone."""
+    fields, gate_name, logits_per_head = GATE_OPTIONS[option]
+    model = tiny_model(variant, **fields)
     config = model.config
-    with torch.no_grad():  # gates that differ between the weight matrices and depend on the token
+    with torch.no_grad():  # gates that differ between the weight matrices (channels) and depend on the token
         for layer in model.model.layers:
             memory = layer.mixer.memory
-            assert memory.lr_gate.out_features == config.memory_depth * config.memory_num_heads
+            assert getattr(memory, gate_name).out_features == logits_per_head(config) * config.memory_num_heads
+            memory.forget_gate.bias.normal_(-3.0, 1.0)  # alpha ~ 0.05, different per logit (starts at 0.001)
             for gate in (memory.forget_gate, memory.momentum_gate, memory.lr_gate):
                 gate.weight.normal_(0.0, 0.3)
     input_ids = random_ids(2, 3 * SEQ_LEN // 2)

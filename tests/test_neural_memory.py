@@ -64,11 +64,13 @@ def layer_shapes(depth, d=D_HEAD, expansion=EXPANSION):
     return list(zip(dims[:-1], dims[1:]))
 
 
-def make_problem(depth, length, seed=0, batch=BATCH, heads=HEADS, d=D_HEAD, dtype=torch.float64, per_layer=False):
+def make_problem(
+    depth, length, seed=0, batch=BATCH, heads=HEADS, d=D_HEAD, dtype=torch.float64, per_layer=False, per_channel=False
+):
     """Random M_0 (heads, d_in, d_out) per layer (He scale, so the LayerNorm input is not tiny), q and k of norm
     1.5 (l2-normalised as the layer does, then scaled), values that a nearby memory fits up to noise (so the inner loop
     learns rather than drifts), and gates as raw logits, (batch, heads, T), or with `per_layer` (depth, batch,
-    heads, T): each weight matrix its own gates."""
+    heads, T): each weight matrix its own gates; `per_channel`: alpha (batch, heads, T, d), one per output channel."""
     g = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
@@ -83,7 +85,7 @@ def make_problem(depth, length, seed=0, batch=BATCH, heads=HEADS, d=D_HEAD, dtyp
         q=q,
         k=k,
         v=ref_read([w.unsqueeze(0) for w in target], k) + 0.1 * randn(*seq, d),
-        alpha_logit=randn(*gate_shape) - 3.5,  # alpha ~ 0.03
+        alpha_logit=randn(*gate_shape, *([d] if per_channel else [])) - 3.5,  # alpha ~ 0.03
         eta_logit=randn(*gate_shape) + 1.0,  # eta ~ 0.7
         theta_logit=randn(*gate_shape) - 2.5,  # theta ~ 0.08
     )
@@ -150,7 +152,7 @@ def check_against_reference(m0, p, alpha, eta, theta, chunk_size, dtype, normali
     fp64: 1e-10. fp32: 1e-5 relative, widened to 10x the error of the reference itself run in fp32 where the problem
     is worse conditioned than that (the LayerNorm of deep memory scales rounding errors by 1/std of its input)."""
     reads, state = run_scan(m0, p, alpha, eta, theta, chunk_size, normalize=normalize)
-    eta_ref = torch.zeros_like(alpha) if eta is None else eta
+    eta_ref = torch.zeros_like(theta) if eta is None else eta
     args = (batched(m0), p["q"], p["k"], p["v"], alpha, eta_ref, theta)
     ref_reads, ref_w, ref_snap, ref_s = ref_memory(*(to64(x) for x in args), chunk_size, normalize)
     tol = TOL[dtype]
@@ -209,6 +211,19 @@ def test_per_layer_gates_match_paper_reference(depth, use_momentum, chunk_size, 
     for layer in range(depth):
         shared, _ = run_scan(m0, p, alpha[layer], None if eta is None else eta[layer], theta[layer], chunk_size)
         assert_differ(reads, shared)
+
+
+@pytest.mark.parametrize("use_momentum", [True, False])
+@pytest.mark.parametrize("chunk_size, length", [(1, 11), (4, 13), (16, 37)])
+def test_per_channel_forgetting_matches_paper_reference(use_momentum, chunk_size, length):
+    """Per-channel forgetting (alpha with a trailing axis over the matrix memory's output channels): column o of M
+    decays by 1 - alpha_o in the reference; the closed form, whose beta, A and C get a channel axis, equals it in
+    fp64. One alpha per head (the channels' mean) gives other reads, so the comparison can fail."""
+    m0, p = make_problem(1, length, seed=chunk_size + length + 60, per_channel=True)
+    alpha, eta, theta = gates(p)
+    eta = eta if use_momentum else None
+    reads, _ = check_against_reference(m0, p, alpha, eta, theta, chunk_size, torch.float64)
+    assert_differ(reads, run_scan(m0, p, alpha.mean(-1), eta, theta, chunk_size)[0])
 
 
 @pytest.mark.parametrize("depth", [1, 2])
@@ -275,7 +290,7 @@ def step_through(network, state, p, log_retain, log_momentum, lr, chunk_size, st
             p["q"][..., at, :],
             p["k"][..., at, :],
             p["v"][..., at, :],
-            log_retain[..., at],
+            log_retain[..., at, :] if log_retain.dim() > lr.dim() else log_retain[..., at],  # per channel: (..., T, d)
             None if log_momentum is None else log_momentum[..., at],
             lr[..., at],
             closes,
@@ -293,13 +308,17 @@ def assert_same_state(a, b, tol):
 
 
 @pytest.mark.parametrize("use_momentum", [True, False])
-@pytest.mark.parametrize("depth, per_layer", [(1, False), (2, False), (2, True), (3, True)])
+@pytest.mark.parametrize(
+    "depth, gate_kind", [(1, "shared"), (2, "shared"), (2, "per_layer"), (3, "per_layer"), (1, "per_channel")]
+)
 @pytest.mark.parametrize("chunk_size", [1, 4, 5])
-def test_step_matches_scan(chunk_size, depth, per_layer, use_momentum):
+def test_step_matches_scan(chunk_size, depth, gate_kind, use_momentum):
     """Decoding one token at a time (the chunk start frozen until the chunk fills) gives the reads and final
-    state of one scan, with shared and per-layer gates; 13 tokens is not a multiple of 4 or 5."""
+    state of one scan, with shared, per-layer and per-channel gates; 13 tokens is not a multiple of 4 or 5."""
     length = 13
-    m0, p = make_problem(depth, length, seed=11, per_layer=per_layer)
+    m0, p = make_problem(
+        depth, length, seed=11, per_layer=gate_kind == "per_layer", per_channel=gate_kind == "per_channel"
+    )
     alpha, eta, theta = gates(p)
     eta = eta if use_momentum else None
     scan_reads, scan_state = run_scan(m0, p, alpha, eta, theta, chunk_size)
@@ -378,14 +397,14 @@ def test_step_closes_chunk_per_row():
 
 
 @pytest.mark.parametrize("use_momentum", [True, False])
-@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("depth, per_channel", [(1, False), (2, False), (1, True)])
 @pytest.mark.parametrize("chunk_size", [1, 4])
-def test_trailing_padding_is_identity(chunk_size, depth, use_momentum):
+def test_trailing_padding_is_identity(chunk_size, depth, per_channel, use_momentum):
     """Each row of a right-padded batch gives, on its real tokens, the reads and final state (M, M_{t'}, S) of
     the row alone; padding never closes a chunk. Lengths 13, 6, 8 with chunk 4: rows ending mid-chunk, on a
-    boundary, and with a whole padded chunk after the last real token."""
+    boundary, and with a whole padded chunk after the last real token. Also with per-channel forgetting."""
     lengths, total = [13, 6, 8], 13
-    m0, p = make_problem(depth, total, seed=15, batch=len(lengths))
+    m0, p = make_problem(depth, total, seed=15, batch=len(lengths), per_channel=per_channel)
     p = {name: x.clone() for name, x in p.items()}
     write_mask = torch.arange(total) < torch.tensor(lengths)[:, None]
     for name, x in p.items():  # garbage in the padding: large values that would change everything if written
@@ -395,7 +414,7 @@ def test_trailing_padding_is_identity(chunk_size, depth, use_momentum):
     eta = eta if use_momentum else None
     reads, state = run_scan(m0, p, alpha, eta, theta, chunk_size, write_mask=write_mask)
     for row, n in enumerate(lengths):
-        own = {name: x[row : row + 1, :, :n] for name, x in p.items()}
+        own = {name: x[row : row + 1, :, :n] for name, x in p.items()}  # token axis 2 for every input
         own_alpha, own_eta, own_theta = gates(own)
         own_reads, own_state = run_scan(m0, own, own_alpha, own_eta if use_momentum else None, own_theta, chunk_size)
         assert_close(reads[row : row + 1, :, :n], own_reads, 1e-10)
@@ -428,17 +447,23 @@ def test_padding_does_not_close_chunk_against_reference():
 
 @pytest.mark.parametrize("use_momentum", [True, False])
 @pytest.mark.parametrize(
-    "depth, chunk_size, padded, per_layer",
-    [(1, 2, False, False), (2, 3, False, False), (2, 2, False, False), (2, 2, True, False), (2, 2, True, True)],
+    "depth, chunk_size, padded, gate_kind",
+    [
+        (1, 2, False, "shared"), (2, 3, False, "shared"), (2, 2, False, "shared"), (2, 2, True, "shared"),
+        (2, 2, True, "per_layer"), (1, 2, True, "per_channel"),
+    ],
 )
 @pytest.mark.parametrize("normalize", [False, True], ids=["plain", "normalized"])
-def test_gradcheck_scan(depth, chunk_size, padded, per_layer, use_momentum, normalize):
-    """gradcheck (fp64) of reads and final state w.r.t. q, k, v, the raw gate logits (shared or per layer) and M_0
-    (shared by the batch), through second-order terms of the inner gradient; 5 tokens, the last chunk partial;
-    `padded`: the second row has 3 real tokens (write_mask)."""
+def test_gradcheck_scan(depth, chunk_size, padded, gate_kind, use_momentum, normalize):
+    """gradcheck (fp64) of reads and final state w.r.t. q, k, v, the raw gate logits (shared, per layer or alpha per
+    channel) and M_0 (shared by the batch), through second-order terms of the inner gradient; 5 tokens, the last
+    chunk partial; `padded`: the second row has 3 real tokens (write_mask)."""
     batch, heads, d, length = 2, 1, 3, 5
     write_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]).bool() if padded else None
-    m0, p = make_problem(depth, length, seed=17, batch=batch, heads=heads, d=d, per_layer=per_layer)
+    m0, p = make_problem(
+        depth, length, seed=17, batch=batch, heads=heads, d=d, per_layer=gate_kind == "per_layer",
+        per_channel=gate_kind == "per_channel",
+    )
     names = ["q", "k", "v", "alpha_logit", "eta_logit", "theta_logit"]
     inputs = [p[n].clone().requires_grad_() for n in names] + [w.clone().requires_grad_() for w in m0]
 

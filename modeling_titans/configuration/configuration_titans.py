@@ -86,6 +86,9 @@ class TitansConfig(PreTrainedConfig):
       makes each a learned constant per memory head (the data-independent gates of the paper's ablations).
     - `memory_per_layer_gates` (default False): each weight matrix of a deep memory gets its own alpha_t, eta_t and
       theta_t (the NeurIPS version of the paper); False shares one set by all of them.
+    - `memory_forget_per_channel` (default False): one alpha_t per output channel of a matrix memory
+      (`memory_depth=1`) instead of one per head, so each column of M forgets at its own rate. Such a layer runs
+      on the autograd scan (its backward keeps every chunk's state) instead of the checkpointed one.
     - Ablations of the paper's Table 5: `use_momentum`, `use_forgetting`, `use_conv`,
       `num_persistent_tokens=0`, `memory_depth=1`.
     - `gate_activation`: the non-linearity of the MAG / MAC output gate (a name in ACT2FN).
@@ -133,6 +136,7 @@ class TitansConfig(PreTrainedConfig):
     memory_normalize_grad: bool = True
     memory_gates_from_input: bool = True
     memory_per_layer_gates: bool = False
+    memory_forget_per_channel: bool = False
     use_momentum: bool = True
     use_forgetting: bool = True
     use_conv: bool = True
@@ -227,6 +231,11 @@ class TitansConfig(PreTrainedConfig):
         )
         for field in ("memory_forget_init", "memory_momentum_init", "memory_lr_init"):
             require(0.0 < getattr(self, field) < 1.0, field, "must lie strictly between 0 and 1")
+        if self.memory_forget_per_channel:
+            needs = "needs a matrix memory with one set of gates and forgetting on"
+            allowed = self.memory_depth == 1 and not self.memory_per_layer_gates and self.use_forgetting
+            require(allowed, "memory_forget_per_channel", f"{needs} (memory_depth=1, memory_per_layer_gates=False, "
+                    "use_forgetting=True)")
         require(self.rms_norm_eps > 0, "rms_norm_eps", "must be > 0")
         self.validate_rope_parameters(require)
         require(0.0 <= self.initializer_range <= 1.0, "initializer_range", "must lie in [0, 1]")

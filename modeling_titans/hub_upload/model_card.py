@@ -26,6 +26,7 @@ MEMORY_FIELDS = (
     "memory_normalize_grad",
     "memory_gates_from_input",
     "memory_per_layer_gates",
+    "memory_forget_per_channel",
     "use_momentum",
     "use_forgetting",
     "use_conv",

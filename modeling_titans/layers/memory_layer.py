@@ -2,7 +2,8 @@
 
     q, k, v = SiLU(causal depthwise conv(Linear(x))), q and k l2-normalised per head
     alpha_t, eta_t, theta_t: per-token, per-head gates from x (forget, momentum, inner learning rate); with
-        `memory_per_layer_gates`, one set per weight matrix of the memory network
+        `memory_per_layer_gates`, one set per weight matrix of the memory network; with
+        `memory_forget_per_channel`, one alpha_t per output channel of the (matrix) memory
     (the inner gradient is normalised by its curvature with `memory_normalize_grad`, `ops.memory_network`)
     y_t = M_t*(q_t) after writing (k_t, v_t)                        (`ops.chunk_scan`, `ops.neural_memory`)
     o = W_O(RMSNorm(y) * SiLU(W_G x))
@@ -21,7 +22,7 @@ from torch import nn
 
 from ..ops.chunk_scan import checkpointed_memory_scan
 from ..ops.memory_network import MemoryMLP
-from ..ops.neural_memory import MemoryState, compute_dtype, initial_state, neural_memory_step
+from ..ops.neural_memory import MemoryState, compute_dtype, initial_state, neural_memory_scan, neural_memory_step
 from .basics import TitansRMSNorm, recompute_in_backward, rms_norm
 from .tokens import TokenInfo
 
@@ -107,7 +108,9 @@ class TitansNeuralMemory(nn.Module):
         self.mem_k_proj = MemoryProjection(hidden, hidden, bias=False)
         self.mem_v_proj = MemoryProjection(hidden, hidden, bias=False)
         self.conv = CausalDepthwiseConv(3 * hidden, config.conv_kernel_size) if config.use_conv else None
-        self.forget_gate = self.gate(config.memory_forget_init) if config.use_forgetting else None  # alpha_t
+        # alpha_t: per head, or per head and output channel of the memory
+        forget_channels = self.head_dim if config.memory_forget_per_channel else 1
+        self.forget_gate = self.gate(config.memory_forget_init, forget_channels) if config.use_forgetting else None
         self.momentum_gate = self.gate(config.memory_momentum_init) if config.use_momentum else None  # eta_t
         self.lr_gate = self.gate(config.memory_lr_init)  # theta_t / theta_max
         self.network = MemoryMLP(
@@ -120,9 +123,10 @@ class TitansNeuralMemory(nn.Module):
         self.mem_gate_proj = nn.Linear(hidden, hidden, bias=False)
         self.mem_o_proj = nn.Linear(hidden, hidden, bias=False)
 
-    def gate(self, initial_value: float) -> nn.Module:
-        """One of the memory's gates: a logit per head (and weight matrix) from each token (default) or a constant."""
-        num_gates = self.gate_layers * self.num_heads
+    def gate(self, initial_value: float, channels: int = 1) -> nn.Module:
+        """One of the memory's gates: a logit per head (and weight matrix, or channel) from each token (default) or
+        a constant."""
+        num_gates = self.gate_layers * self.num_heads * channels
         if self.config.memory_gates_from_input:
             return TitansGate(self.config.hidden_size, num_gates, initial_value)
         return ConstantGate(num_gates, initial_value)
@@ -173,6 +177,9 @@ class TitansNeuralMemory(nn.Module):
         lr = self.config.memory_lr_max * torch.sigmoid(logits(self.lr_gate))
         if self.forget_gate is None:
             log_retain = torch.zeros_like(lr)
+        elif self.config.memory_forget_per_channel:  # (batch, heads, T, head_dim)
+            per_channel = self.forget_gate(x).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+            log_retain = F.logsigmoid(-per_channel) * self.config.memory_forget_scale
         else:
             log_retain = F.logsigmoid(-logits(self.forget_gate)) * self.config.memory_forget_scale
         log_momentum = None if self.momentum_gate is None else F.logsigmoid(logits(self.momentum_gate))
@@ -195,6 +202,8 @@ class TitansNeuralMemory(nn.Module):
             closes_chunk = (tokens.seen + 1) % self.chunk_size == 0
             row_mask = None if write_mask is None else write_mask[:, 0]
             return neural_memory_step(self.network, state, q, k, v, *gates, closes_chunk, row_mask)
+        if self.config.memory_forget_per_channel:  # the checkpointed scan's backward is written for scalar gates
+            return neural_memory_scan(self.network, state, q, k, v, *gates, self.chunk_size, write_mask)
         return checkpointed_memory_scan(
             self.network, state, q, k, v, *gates, self.chunk_size, write_mask, compile_steps=self.compile_scan
         )

@@ -52,6 +52,7 @@ from .neural_memory import (
     chunk_coefficients,
     chunk_end_state,
     compute_dtype,
+    forgets_per_channel,
     gates_per_layer,
     mask_gates,
 )
@@ -78,6 +79,9 @@ def checkpointed_memory_scan(
     recomputes each chunk's intermediates from it). `compile_steps` runs the per-chunk steps through
     `torch.compile` (`compiled_chunk_steps`).
     """
+    if forgets_per_channel(log_retain, lr):
+        raise ValueError("checkpointed_memory_scan takes one alpha per head; per-channel forgetting runs on "
+                         "neural_memory_scan")
     dtype = compute_dtype(queries.dtype)
     queries, keys, values, log_retain, log_momentum, lr = _to_dtype(
         dtype, queries, keys, values, log_retain, log_momentum, lr

@@ -148,8 +148,9 @@ class MemoryMLP(nn.Module):
 
         applied to the read path's activation h_t, so h_t W_t needs h_t W_0, h_t S_0 and the scores h_t a_i^T
         against the chunk's gradient factors (a, g) from `gradient_factors` at the chunk start.
-        `coefficients` (a `ChunkCoefficients`) holds beta, A and C (each layer its own with per-layer gates);
-        `tape` (a dict) receives what `chunk_read_backward` needs.
+        `coefficients` (a `ChunkCoefficients`) holds beta, A and C (each layer its own with per-layer gates; with
+        per-channel forgetting each output channel its own, so C weights the scores channel by channel);
+        `tape` (a dict) receives what `chunk_read_backward` needs (scalar gates only).
         """
         h = queries
         layer_inputs, from_weights, from_momentum, scores, pre_activations = [], [], [], [], []
@@ -159,7 +160,10 @@ class MemoryMLP(nn.Module):
             layer_inputs.append(h)
             from_weights.append(h @ w)
             scores.append(h @ a.transpose(-1, -2))
-            z = beta * from_weights[-1] - (coeff * scores[-1]) @ g
+            if own.per_channel:  # sum_i C_{t,i,o} s_{t,i} g_{i,o}: a (c, c, d_out) product, no matmul
+                z = beta * from_weights[-1] - (coeff * scores[-1].unsqueeze(-1) * g.unsqueeze(-3)).sum(-2)
+            else:
+                z = beta * from_weights[-1] - (coeff * scores[-1]) @ g
             if carry is not None:
                 from_momentum.append(h @ momentum[layer])
                 z = z + carry * from_momentum[-1]

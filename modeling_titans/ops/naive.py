@@ -40,7 +40,8 @@ def naive_neural_memory(network: MemoryMLP, initial_weights, q, k, v, alpha, eta
 
     initial_weights: per layer (batch, heads, d_in, d_out); q, k, v: (batch, heads, T, d); alpha, eta, theta:
     (batch, heads, T) (eta = 0 switches momentum off, alpha = 0 forgetting), or (layers, batch, heads, T) for
-    per-layer gates: weight matrix l then follows Eqs. 13-14 with alpha[l], eta[l], theta[l].
+    per-layer gates: weight matrix l then follows Eqs. 13-14 with alpha[l], eta[l], theta[l]. Per-channel
+    forgetting: alpha (batch, heads, T, d_out) of a matrix memory, column o of M decaying by 1 - alpha[..., o].
     Returns the reads, the final weights M_T, the snapshot M_{t'} (weights at the start of the current chunk)
     and the momentum S_T.
     """
@@ -51,7 +52,11 @@ def naive_neural_memory(network: MemoryMLP, initial_weights, q, k, v, alpha, eta
             snapshot = weights  # M_{t'}
         at = slice(t, t + 1)  # keep a token axis of one: (batch, heads, 1, d)
         grads = naive_token_gradient(network, snapshot, k[..., at, :], v[..., at, :])
-        a, e, th = (gate[..., t, None, None] for gate in (alpha, eta, theta))
+        e, th = (gate[..., t, None, None] for gate in (eta, theta))
+        if alpha.dim() > theta.dim():  # per-channel forgetting: alpha (batch, heads, T, d_out), a column each
+            a = alpha[..., t, None, :]
+        else:
+            a = alpha[..., t, None, None]
         if theta.dim() == q.dim():  # per-layer gates: one (alpha, eta, theta) per weight matrix
             momentum = [e[n] * s - th[n] * g for n, (s, g) in enumerate(zip(momentum, grads))]  # Eq. 14
             weights = [(1 - a[n]) * w + s for n, (w, s) in enumerate(zip(weights, momentum))]  # Eq. 13

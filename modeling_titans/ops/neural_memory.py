@@ -23,8 +23,12 @@ weight matrix. The outer loss back-propagates through all of it.
 
 Conventions: sequences are (batch, heads, tokens, d_head); gates are (batch, heads, tokens), shared by the memory
 network's weight matrices, or (layers, batch, heads, tokens) with one alpha, eta, theta per weight matrix
-(per-layer gates: each matrix then follows its own Eqs. 13-14 with its own gates; `ChunkCoefficients.layer`). All
-state math runs in fp32 (fp64 when the inputs are fp64, for gradcheck), whatever the model dtype.
+(per-layer gates: each matrix then follows its own Eqs. 13-14 with its own gates; `ChunkCoefficients.layer`).
+Per-channel forgetting: log(1 - alpha) is (batch, heads, tokens, d_out) for a matrix memory, one alpha per output
+channel (column of M), so beta and A get a channel axis and C becomes (c, c, d_out) per chunk: the dual form's
+reads then weight each channel's scores by its own C (`MemoryMLP.chunk_read`). Only `neural_memory_scan` (autograd)
+and the decoding step take such gates; the checkpointed scan's hand-derived backward is written for scalar gates.
+All state math runs in fp32 (fp64 when the inputs are fp64, for gradcheck), whatever the model dtype.
 """
 
 from __future__ import annotations
@@ -103,12 +107,13 @@ class ChunkCoefficients:
     every chunk in one batched pass before its sequential loop. Leading dims ([layers,] batch, heads[, chunks]):
     with `per_layer`, a leading axis holds each weight matrix's own coefficients (per-layer gates)."""
 
-    beta: torch.Tensor  # (..., c, 1): beta_t = prod_{j<=t} (1 - alpha_j)
-    coeff: torch.Tensor  # (..., c, c): C_{t,i}
-    carry: torch.Tensor | None  # (..., c, 1): A_t; None without momentum
+    beta: torch.Tensor  # (..., c, 1), per channel (..., c, d_out): beta_t = prod_{j<=t} (1 - alpha_j)
+    coeff: torch.Tensor  # (..., c, c), per channel (..., c, c, d_out): C_{t,i}
+    carry: torch.Tensor | None  # (..., c, 1), per channel (..., c, d_out): A_t; None without momentum
     surprise: torch.Tensor | None  # (..., c, 1): theta_i E_c / E_i
     eta_total: torch.Tensor | None  # (..., 1, 1): E_c
     per_layer: bool = False
+    per_channel: bool = False  # one alpha per output channel: beta, A, C carry a trailing channel axis
 
     def tensors(self) -> tuple:
         """The five fields in order (None where absent)."""
@@ -116,15 +121,17 @@ class ChunkCoefficients:
 
     def map(self, fn) -> "ChunkCoefficients":
         """`fn` applied to every field present."""
-        return ChunkCoefficients(*(None if f is None else fn(f) for f in self.tensors()), per_layer=self.per_layer)
+        fields = (None if f is None else fn(f) for f in self.tensors())
+        return ChunkCoefficients(*fields, per_layer=self.per_layer, per_channel=self.per_channel)
 
     def unbind(self, dim: int) -> list["ChunkCoefficients"]:
         """One `ChunkCoefficients` per index of the chunk dim (unbind's backward is a single stack); `dim` counts
-        from the end."""
-        parts = [None if f is None else f.unbind(dim) for f in self.tensors()]
+        from the end (of C without its channel axis)."""
+        dims = [dim - 1 if self.per_channel and f is self.coeff else dim for f in self.tensors()]
+        parts = [None if f is None else f.unbind(d) for f, d in zip(self.tensors(), dims)]
         count = len(parts[0])
         return [
-            ChunkCoefficients(*(None if p is None else p[n] for p in parts), per_layer=self.per_layer)
+            ChunkCoefficients(*(None if p is None else p[n] for p in parts), self.per_layer, self.per_channel)
             for n in range(count)
         ]
 
@@ -150,13 +157,21 @@ def of_layer(gate: torch.Tensor, index: int, per_layer: bool) -> torch.Tensor:
     return gate[index] if per_layer else gate
 
 
+def forgets_per_channel(log_retain: torch.Tensor, lr: torch.Tensor) -> bool:
+    """Whether log(1 - alpha) has a channel axis beyond the other gates' shape (per-channel forgetting)."""
+    return log_retain.dim() > lr.dim()
+
+
 def chunk_coefficients(log_retain, log_momentum, lr, write_mask=None, per_layer=False) -> ChunkCoefficients:
     """Gate algebra of the closed form (module docstring) over the last dim, the chunk's tokens.
 
     log_retain: log(1 - alpha_t); log_momentum: log(eta_t) or None; lr: theta_t; write_mask: 1 for tokens that
     write (masked tokens also get alpha = 0, eta = 1, theta = 0 from `mask_gates`). All (..., c); with
-    `per_layer`, the gates' first axis runs over the weight matrices (the mask has none).
+    `per_layer`, the gates' first axis runs over the weight matrices (the mask has none). Per-channel forgetting:
+    log_retain is (..., c, d_out).
     """
+    if forgets_per_channel(log_retain, lr):
+        return _per_channel_coefficients(log_retain, log_momentum, lr, write_mask)
     log_beta = log_retain.cumsum(-1)
     decay = _pairwise_decay(log_beta)  # beta_t / beta_s
     if write_mask is not None:
@@ -170,6 +185,26 @@ def chunk_coefficients(log_retain, log_momentum, lr, write_mask=None, per_layer=
     carry = decay @ log_eta.exp().unsqueeze(-1)  # A_t
     surprise = (lr * momentum_decay[..., -1, :]).unsqueeze(-1)  # theta_i E_c / E_i
     return ChunkCoefficients(beta, coeff, carry, surprise, log_eta[..., -1:].exp().unsqueeze(-1), per_layer)
+
+
+def _per_channel_coefficients(log_retain, log_momentum, lr, write_mask) -> ChunkCoefficients:
+    """`chunk_coefficients` with one alpha per output channel: the channels become a batch axis in front of the
+    tokens (the other gates are the same for every channel), then beta, A and C move them to the end."""
+    def per_token(x):  # (..., c) -> (..., 1, c): the same for every channel
+        return None if x is None else x.unsqueeze(-2)
+
+    channels_first = chunk_coefficients(
+        log_retain.transpose(-1, -2), per_token(log_momentum), per_token(lr), per_token(write_mask)
+    )
+    beta, coeff, carry, surprise, eta_total = channels_first.tensors()
+    return ChunkCoefficients(
+        beta.squeeze(-1).transpose(-1, -2),  # (..., c, d_out)
+        coeff.movedim(-3, -1),  # (..., c, c, d_out)
+        None if carry is None else carry.squeeze(-1).transpose(-1, -2),
+        None if surprise is None else surprise.squeeze(-3),  # (..., c, 1)
+        None if eta_total is None else eta_total.squeeze(-3),
+        per_channel=True,
+    )
 
 
 def chunk_update(
@@ -213,8 +248,8 @@ def chunk_end_state(
     new_weights, new_momentum = [], None if momentum is None else []
     for layer, (w, a, g) in enumerate(zip(weights, inputs, errors)):
         own = coefficients.layer(layer)
-        decayed = own.beta[..., -1:, :] * w  # beta_c M_0
-        last_coeff = own.coeff[..., -1, :].unsqueeze(-1)  # C_{c,i}
+        decayed = own.beta[..., -1:, :] * w  # beta_c M_0 (per channel: column by column)
+        last_coeff = own.coeff[..., -1, :, :] if own.per_channel else own.coeff[..., -1, :].unsqueeze(-1)  # C_{c,i}
         if momentum is not None:
             s = momentum[layer]
             decayed = torch.addcmul(decayed, own.carry[..., -1:, :], s)
@@ -227,7 +262,7 @@ def mask_gates(log_retain, log_momentum, lr, write_mask):
     """Makes masked tokens (padding) the identity: alpha = 0, eta = 1, theta = 0. `write_mask` is (batch, 1, T)."""
     if write_mask is None:
         return log_retain, log_momentum, lr
-    log_retain = log_retain * write_mask
+    log_retain = log_retain * (write_mask.unsqueeze(-1) if forgets_per_channel(log_retain, lr) else write_mask)
     log_momentum = None if log_momentum is None else log_momentum * write_mask
     return log_retain, log_momentum, lr * write_mask
 
@@ -279,16 +314,23 @@ def neural_memory_scan(
 def _all_chunk_coefficients(log_retain, log_momentum, lr, mask, chunk_size, per_layer) -> list[ChunkCoefficients]:
     """`chunk_coefficients` of every chunk: the full chunks in one batched pass (gates viewed as
     (batch, heads, chunks, c)), then the shorter last chunk if any."""
-    length = log_retain.shape[-1]
+    length = lr.shape[-1]
     full = length - length % chunk_size
+    # The tokens are the last axis of every gate but a per-channel log_retain's, whose last axis is the channels.
+    token_axes = (-2 if forgets_per_channel(log_retain, lr) else -1, -1, -1, -1)
     gates = (log_retain, log_momentum, lr, mask)
+
+    def tokens(x, axis, start, stop):
+        return None if x is None else x.narrow(axis, start, stop - start)
+
     result = []
     if full:
-        def as_chunks(x):
-            return None if x is None else x[..., :full].unflatten(-1, (-1, chunk_size))
-        result = chunk_coefficients(*(as_chunks(x) for x in gates), per_layer=per_layer).unbind(-3)
+        def as_chunks(x, axis):
+            return None if x is None else tokens(x, axis, 0, full).unflatten(axis, (-1, chunk_size))
+        result = chunk_coefficients(*map(as_chunks, gates, token_axes), per_layer=per_layer).unbind(-3)
     if full < length:
-        result.append(chunk_coefficients(*(None if x is None else x[..., full:] for x in gates), per_layer=per_layer))
+        tail = (tokens(x, axis, full, length) for x, axis in zip(gates, token_axes))
+        result.append(chunk_coefficients(*tail, per_layer=per_layer))
     return result
 
 
@@ -321,7 +363,9 @@ def neural_memory_step(
     )
     per_layer = gates_per_layer(queries, lr)
     inputs, errors = network.gradient_factors(state.snapshot, keys, values)  # u_t = a^T g, per layer
-    retain = log_retain.exp()[..., None]  # ([layers,] batch, heads, 1, 1): 1 - alpha_t
+    retain = log_retain.exp()  # 1 - alpha_t: (batch, heads, 1, d_out) per channel, a column each
+    if not forgets_per_channel(log_retain, lr):
+        retain = retain[..., None]  # ([layers,] batch, heads, 1, 1)
     lr = lr[..., None]  # theta_t
     eta = None if state.momentum is None else log_momentum.exp()[..., None]
     weights, momentum = [], None if eta is None else []
