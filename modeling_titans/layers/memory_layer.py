@@ -177,11 +177,12 @@ class TitansNeuralMemory(nn.Module):
         lr = self.config.memory_lr_max * torch.sigmoid(logits(self.lr_gate))
         if self.forget_gate is None:
             log_retain = torch.zeros_like(lr)
-        elif self.config.memory_forget_per_channel:  # (batch, heads, T, head_dim)
-            per_channel = self.forget_gate(x).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
-            log_retain = F.logsigmoid(-per_channel) * self.config.memory_forget_scale
         else:
-            log_retain = F.logsigmoid(-logits(self.forget_gate)) * self.config.memory_forget_scale
+            if self.config.memory_forget_per_channel:  # (batch, heads, T, head_dim)
+                forget = self.forget_gate(x).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+            else:
+                forget = logits(self.forget_gate)
+            log_retain = F.logsigmoid(-forget) * self.config.memory_forget_scale
         log_momentum = None if self.momentum_gate is None else F.logsigmoid(logits(self.momentum_gate))
         if self.config.memory_lr_relative:
             gain = self.chunk_size if log_momentum is None else self.chunk_size / -torch.expm1(log_momentum)
