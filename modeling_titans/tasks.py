@@ -9,6 +9,8 @@ memory (paper Sec. 3) can.
   then "What is the secret code for <name>?" (needle-in-a-haystack, in the style of RULER's single-needle task).
 - `recall`: multi-query associative recall: a block of `key=value` lines (`kib=417`), a long gap of filler, then
   a question about a few of the keys; the answer lists their values in the order asked.
+- `mqar`: the same block and gap, asked in the block's own form (Zoology's multi-query associative recall): the
+  prompt ends with a key and `=`, and each value is to follow its key as it did in the block.
 - `babi`: a story from a small world simulator: people move between places, pick up, drop and hand over
   objects, among distractor sentences; the question asks where a person or an object is (bAbI tasks 1-3 style).
 
@@ -20,8 +22,8 @@ included), the needle is out of the window when the answer's first token is pred
 Lengths are exact and the needle lands exactly at the distance asked.
 
 Splits ("train", "validation", "test") draw their keys and values from disjoint pools (a hash of the word
-decides its split): passkey names and codes, recall keys and values, bAbI people and objects. bAbI places are
-the answers and are shared by all splits.
+decides its split): passkey names and codes, recall and mqar keys and values, bAbI people and objects. bAbI places
+are the answers and are shared by all splits.
 """
 
 import hashlib
@@ -243,10 +245,14 @@ class RecallTask:
         listed = keys[0] if len(keys) == 1 else ", ".join(keys[:-1]) + " and " + keys[-1]
         return f"\nQuestion: What are the values of {listed}? Answer: "
 
+    def answer(self, keys: list[str], values: list[str]) -> str:
+        return " ".join(values)
+
     def distance_range(self, length: int) -> tuple[int, int]:
         block_len = self.num_pairs * len("kib=417\n") - 1
-        answer_len = self.num_queries * len("417 ") - 1
-        lowest = len(self.separator) + len(self.question(["kib"] * self.num_queries))
+        asked_keys, asked_values = ["kib"] * self.num_queries, ["417"] * self.num_queries
+        answer_len = len(self.answer(asked_keys, asked_values))
+        lowest = len(self.separator) + len(self.question(asked_keys))
         return lowest, length - answer_len - len(self.lead_in) - block_len
 
     def make(self, rng: random.Random, split: str, length: int, needle_distance: int) -> Example:
@@ -257,12 +263,29 @@ class RecallTask:
         block = "\n".join(f"{key}={value}" for key, value in zip(keys, values))
         asked = rng.sample(range(self.num_pairs), self.num_queries)
         question = self.question([keys[i] for i in asked])
-        answer = " ".join(values[i] for i in asked)
+        answer = self.answer([keys[i] for i in asked], [values[i] for i in asked])
         after = fill(rng, needle_distance - len(self.separator) - len(question))
         before_len = length - len(answer) - len(self.lead_in) - len(block) - needle_distance
         return with_needle(
             self.name, split, "", before_len, block, self.separator, after, question, answer, rng, self.lead_in
         )
+
+
+class KeyedRecallTask(RecallTask):
+    """`recall` asked in the block's own form, as in the multi-query associative recall of Zoology (Arora et al.,
+    2023): the question lists the keys, then each value is asked for right after its key and `=`, exactly as it
+    was written in the block ("Values of kib, dor:\nkib=" -> "417\ndor=582"). The answer repeats the second and
+    later keys, copied from the question a few tokens back; every value follows the same bytes it followed when it
+    was written, so a memory written with the key's bytes as the key can be read with them."""
+
+    name = "mqar"
+
+    def question(self, keys: list[str]) -> str:
+        return f"\nValues of {', '.join(keys)}:\n{keys[0]}="
+
+    def answer(self, keys: list[str], values: list[str]) -> str:
+        lines = "\n".join(f"{key}={value}" for key, value in zip(keys, values))
+        return lines[len(keys[0]) + 1 :]  # the first key and its "=" end the prompt
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -482,7 +505,7 @@ class BabiTask:
         return events
 
 
-TASK_TYPES = {task.name: task for task in (PasskeyTask, RecallTask, BabiTask)}
+TASK_TYPES = {task.name: task for task in (PasskeyTask, RecallTask, KeyedRecallTask, BabiTask)}
 TASKS = tuple(TASK_TYPES)
 
 
@@ -533,7 +556,7 @@ def generate_examples(
     """`num_examples` examples of `task` from `split`, each exactly `length` characters (prompt + answer).
 
     `needle_distance=None` places each needle uniformly at random over the distances the length allows
-    (`needle_distance_range`). Task options: passkey `digits=5`; recall `num_pairs=8, num_queries=2`;
+    (`needle_distance_range`). Task options: passkey `digits=5`; recall and mqar `num_pairs=8, num_queries=2`;
     babi `num_people=4, num_things=3`. The same arguments always give the same examples.
     """
     spec = get_task(task, **options)

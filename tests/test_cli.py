@@ -181,7 +181,7 @@ def assert_one_line_error(capsys, command: str, *fragments: str):
         (["--train-file", "missing.txt"], ["No such file: missing.txt"]),
         (["--preset", "huge"], ["Unknown Titans preset 'huge'; available:", "tiny"]),
         (["--preset", "tiny", "--config", "config.json"], ["not --preset and --config"]),
-        (["--task", "sudoku"], ["Unknown task 'sudoku'; available: passkey, recall, babi"]),
+        (["--task", "sudoku"], ["Unknown task 'sudoku'; available: passkey, recall, mqar, babi"]),
         (["--seq-len", "1"], ["--seq-len 1: a training sequence needs at least 2 tokens"]),
         (["--seq-len", "-5"], ["--seq-len -5"]),
         (["--seq-len", "100"], ["--seq-len 100 is too short for the passkey task: use at least 169"]),
@@ -232,7 +232,7 @@ def test_generate_and_eval_reject_folders_without_a_model(tmp_path, capsys, trai
 @pytest.mark.parametrize(
     "flags, fragments",
     [
-        (["--task", "maze"], ["Unknown task 'maze'; available: passkey, recall, babi"]),
+        (["--task", "maze"], ["Unknown task 'maze'; available: passkey, recall, mqar, babi"]),
         (["--lengths", "1k"], ["--lengths '1k': expected comma-separated integers"]),
         (["--lengths", "50"], ["Length 50 does not fit the passkey task: use 169 to"]),
         (["--lengths", "200", "--distances", "5"], ["Needle distance 5 does not fit length 200"]),

@@ -118,7 +118,7 @@ def test_hold_out_keeps_sequences_apart(tokenizer, text_files):
         hold_out(packed.select([0]), 0.1, seed=0)
 
 
-@pytest.mark.parametrize("task", ["passkey", "recall", "babi"])
+@pytest.mark.parametrize("task", ["passkey", "recall", "mqar", "babi"])
 def test_task_examples_have_the_loss_on_the_answer(tokenizer, task):
     seq_len = 300
     example = generate_examples(task, "train", 1, seq_len - 2)[0]

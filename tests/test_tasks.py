@@ -43,6 +43,17 @@ def parse_recall(prompt):
     return " ".join(table[k] for k in keys), pairs[-1].end(), set(table), set(table.values())
 
 
+def parse_mqar(prompt):
+    pairs = list(re.finditer(r"^([a-z]{3})=(\d{3})$", prompt, flags=re.MULTILINE))
+    table = {m.group(1): m.group(2) for m in pairs}
+    assert len(table) == len(pairs) == 8 and len(set(table.values())) == 8, "eight distinct keys and values"
+    asked = re.search(r"\nValues of ([a-z]{3}), ([a-z]{3}):\n([a-z]{3})=$", prompt)
+    first, second, repeated = asked.groups()
+    assert first != second and repeated == first, "the prompt ends with the first key asked and its ="
+    answer = f"{table[first]}\n{second}={table[second]}"
+    return answer, pairs[-1].end(), set(table), set(table.values())
+
+
 MOVE = re.compile(r"(\w+) (?:went|moved|walked|travelled|journeyed|ran) to the (\w+)")
 PICK_UP = re.compile(r"(\w+) (?:picked up|took|grabbed|got) the (\w+)")
 DROP = re.compile(r"(\w+) (?:dropped|put down|left|discarded) the (\w+)")
@@ -94,7 +105,7 @@ def parse_babi(prompt):
     return answer, needle_end, people, things
 
 
-PARSERS = {"passkey": parse_passkey, "recall": parse_recall, "babi": parse_babi}
+PARSERS = {"passkey": parse_passkey, "recall": parse_recall, "mqar": parse_mqar, "babi": parse_babi}
 
 
 def check_example(example, length):
@@ -181,12 +192,15 @@ def test_task_options_change_the_examples():
     example = generate_examples("recall", "train", 1, 400, num_pairs=5, num_queries=3)[0]
     assert len(re.findall(r"^[a-z]{3}=\d{3}$", example.prompt, flags=re.MULTILINE)) == 5
     assert len(example.answer.split()) == 3
+    example = generate_examples("mqar", "train", 1, 400, num_pairs=5, num_queries=3)[0]
+    assert len(re.findall(r"^[a-z]{3}=\d{3}$", example.prompt, flags=re.MULTILINE)) == 5
+    assert re.fullmatch(r"\d{3}\n[a-z]{3}=\d{3}\n[a-z]{3}=\d{3}", example.answer)
     example = generate_examples("babi", "train", 1, 1000, num_people=2, num_things=1)[0]
     assert len(parse_babi(example.prompt)[2]) <= 2
 
 
 def test_bad_arguments_raise_clear_errors():
-    with pytest.raises(ValueError, match="Unknown task 'nope'; available: passkey, recall, babi"):
+    with pytest.raises(ValueError, match="Unknown task 'nope'; available: passkey, recall, mqar, babi"):
         generate_examples("nope", "train", 1, 300)
     with pytest.raises(ValueError, match="Unknown split"):
         generate_examples("passkey", "dev", 1, 300)

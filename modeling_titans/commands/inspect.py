@@ -19,7 +19,7 @@ def add_parser(subparsers):
     )
     parser.add_argument("model_dir", metavar="DIR", help="a folder written by `titans train` or save_pretrained")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--task", help="a built-in task example (passkey, recall, babi; default passkey)")
+    source.add_argument("--task", help="a built-in task example (passkey, recall, mqar, babi; default passkey)")
     source.add_argument("--text-file", metavar="FILE", help="the start of this UTF-8 text instead")
     parser.add_argument("--length", type=int, default=1024, help="task: example length in tokens (default 1024)")
     parser.add_argument("--needle-distance", type=int, help="task: needle distance in tokens (default: random)")
