@@ -262,8 +262,9 @@ class RecallTask:
             values.append(draw(rng, split, lambda r: str(r.randrange(100, 1000)), exclude=values))
         block = "\n".join(f"{key}={value}" for key, value in zip(keys, values))
         asked = rng.sample(range(self.num_pairs), self.num_queries)
-        question = self.question([keys[i] for i in asked])
-        answer = self.answer([keys[i] for i in asked], [values[i] for i in asked])
+        asked_keys = [keys[i] for i in asked]
+        question = self.question(asked_keys)
+        answer = self.answer(asked_keys, [values[i] for i in asked])
         after = fill(rng, needle_distance - len(self.separator) - len(question))
         before_len = length - len(answer) - len(self.lead_in) - len(block) - needle_distance
         return with_needle(

@@ -32,26 +32,30 @@ def parse_passkey(prompt):
     return code, needles[0].end(), {name}, {code}
 
 
-def parse_recall(prompt):
+def parse_block(prompt):
+    """The `key=value` lines of a recall or mqar prompt: {key: value} and the end offset of the last line."""
     pairs = list(re.finditer(r"^([a-z]{3})=(\d{3})$", prompt, flags=re.MULTILINE))
     table = {m.group(1): m.group(2) for m in pairs}
     assert len(table) == len(pairs) == 8, "eight pairs with distinct keys"
     assert len(set(table.values())) == 8, "distinct values"
+    return table, pairs[-1].end()
+
+
+def parse_recall(prompt):
+    table, block_end = parse_block(prompt)
     asked = re.search(r"\nQuestion: What are the values of ([a-z, ]+)\? Answer: $", prompt)
     keys = re.split(r", | and ", asked.group(1))
     assert len(keys) == 2 and len(set(keys)) == 2
-    return " ".join(table[k] for k in keys), pairs[-1].end(), set(table), set(table.values())
+    return " ".join(table[k] for k in keys), block_end, set(table), set(table.values())
 
 
 def parse_mqar(prompt):
-    pairs = list(re.finditer(r"^([a-z]{3})=(\d{3})$", prompt, flags=re.MULTILINE))
-    table = {m.group(1): m.group(2) for m in pairs}
-    assert len(table) == len(pairs) == 8 and len(set(table.values())) == 8, "eight distinct keys and values"
+    table, block_end = parse_block(prompt)
     asked = re.search(r"\nValues of ([a-z]{3}), ([a-z]{3}):\n([a-z]{3})=$", prompt)
     first, second, repeated = asked.groups()
     assert first != second and repeated == first, "the prompt ends with the first key asked and its ="
     answer = f"{table[first]}\n{second}={table[second]}"
-    return answer, pairs[-1].end(), set(table), set(table.values())
+    return answer, block_end, set(table), set(table.values())
 
 
 MOVE = re.compile(r"(\w+) (?:went|moved|walked|travelled|journeyed|ran) to the (\w+)")
