@@ -16,19 +16,21 @@ sys.path.insert(0, BENCHMARKS_DIR)
 from flops import memory_op_flops  # noqa: E402 (after the sys.path entry)
 
 
-def run_smoke(name, extra_args, out_dir):
-    """Runs `benchmarks/<name>.py --smoke` and checks what every script must write; returns its JSON."""
+def run_smoke(name, extra_args, out_dir, results_name=None):
+    """Runs `benchmarks/<name>.py --smoke` and checks what every script must write (`results_name`.json and a
+    plot, by default named after the script); returns its JSON."""
+    results_name = results_name or name
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", MPLBACKEND="Agg")
     command = [sys.executable, os.path.join(BENCHMARKS_DIR, f"{name}.py"), "--smoke", "--out", str(out_dir), *extra_args]
     result = subprocess.run(command, check=False, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    with open(out_dir / f"{name}.json") as f:
+    with open(out_dir / f"{results_name}.json") as f:
         results = json.load(f)
-    assert results["benchmark"] == name and results["smoke"] is True
+    assert results["benchmark"] == results_name and results["smoke"] is True
     assert results["machine"]["torch_threads"] == 1 and results["machine"]["cpu_count"] >= 1
     assert results["versions"]["torch"] and results["versions"]["transformers"]
     assert results["rows"], "no measurements"
-    assert any(f.startswith(name) and f.endswith(".png") for f in os.listdir(out_dir))
+    assert any(f.startswith(results_name) and f.endswith(".png") for f in os.listdir(out_dir))
     assert "wrote" in result.stdout  # the table and the paths are printed
     return results
 
@@ -145,6 +147,15 @@ def test_stability_reports_finite_bounded_state(tmp_path):
     assert results["summary"]["all_finite"] is True
     assert [r["tokens"] for r in results["rows"]] == [100, 200, 300]
     assert all(0 < r["max |M|"] < 1e3 for r in results["rows"])
+
+
+def test_stability_streams_task_examples_through_one_cache(tmp_path):
+    """`--task`: each example's answer loss in the stream and alone; the first one sees a fresh cache either way."""
+    results = run_smoke("stability", ["--task", "passkey"], tmp_path, results_name="stability_stream")
+    rows = results["rows"]
+    assert [r["example"] for r in rows] == [1, 2, 3] and [r["tokens"] for r in rows] == [192, 384, 576]
+    assert rows[0]["loss in stream"] == pytest.approx(rows[0]["loss alone"], rel=1e-5)
+    assert results["summary"]["all_finite"] is True and results["config"]["task"] == "passkey"
 
 
 def test_memory_op_flops_counts_one_chunk_by_hand():
