@@ -23,6 +23,7 @@ import statistics
 import torch
 
 from modeling_titans.configuration.configuration_titans import VARIANTS
+from modeling_titans.tasks import TASKS
 
 from harness import Stopwatch, new_figure, parse_args, print_table, save_figure, write_results
 
@@ -31,7 +32,7 @@ def add_arguments(parser):
     parser.add_argument("--variants", nargs="+", default=["mag"], choices=VARIANTS)
     parser.add_argument("--tokens", type=int, default=100_000)
     parser.add_argument("--every", type=int, default=2_000, help="tokens between two measurements")
-    parser.add_argument("--task", help="stream examples of this built-in task instead of generating")
+    parser.add_argument("--task", choices=TASKS, help="stream examples of this built-in task instead of generating")
     parser.add_argument("--model", help="a trained Titans folder for --task (default: a random tiny model)")
     parser.add_argument("--length", type=int, default=384, help="tokens per example (--task)")
     parser.add_argument("--examples", type=int, default=20, help="examples in the stream (--task)")
@@ -109,11 +110,16 @@ def stream_and_watch(args) -> list[dict]:
 
 def main():
     args = parse_args(__doc__.splitlines()[0], add_arguments)
+    if args.model and not args.task:
+        raise SystemExit("stability.py: --model streams task examples; add --task (e.g. --task passkey).")
     if args.smoke:
         args.tokens, args.every, args.examples = 300, 100, 3
         args.length = min(args.length, 192)
     if args.task:
-        rows = stream_and_watch(args)
+        try:
+            rows = stream_and_watch(args)
+        except (OSError, ValueError) as error:  # no model there, or a length the task cannot fill
+            raise SystemExit(f"stability.py: {error}") from None
         name, source = "stability_stream", args.model or "random tiny model"
         title = f"A stream of {args.task} examples through one cache ({source}; loss on each answer)"
         config = {"task": args.task, "model": source, "length": args.length, "examples": args.examples}
