@@ -44,27 +44,48 @@ def phase_steps(total: int, phases: int) -> list[int]:
 
 class TaskMix(torch.utils.data.Dataset):
     """`num_examples` sequences of `seq_len` tokens, an even mix of built-in tasks: example i is example
-    i // len(tasks) of task i % len(tasks) (a `TaskDataset` each)."""
+    i // len(tasks) of task i % len(tasks) (a `TaskDataset` each).
 
-    def __init__(self, tasks, split: str, num_examples: int, seq_len: int, tokenizer, seed: int, **options):
-        per_task = -(-num_examples // len(tasks))
-        self.parts = [TaskDataset(task, split, per_task, seq_len, tokenizer, seed=seed, **options) for task in tasks]
-        self.num_examples = num_examples
+    With `examples_per_sequence` K > 1 each sequence holds K consecutive examples of `seq_len / K` tokens one
+    after the other, each with its loss on its own answer. The memory then takes each needle on top of what the
+    examples before it wrote, as in a long document with several questions; trained on one example per sequence
+    it never sees that and can diverge there (`benchmarks/README.md`, "A stream of examples through one cache")."""
+
+    def __init__(
+        self, tasks, split: str, num_examples: int, seq_len: int, tokenizer, seed: int, examples_per_sequence: int = 1,
+        **options,
+    ):
+        if examples_per_sequence < 1 or seq_len % examples_per_sequence:
+            raise ValueError(
+                f"examples_per_sequence={examples_per_sequence} must be at least 1 and divide the sequence length "
+                f"{seq_len}."
+            )
+        per_task = -(-num_examples * examples_per_sequence // len(tasks))
+        example_len = seq_len // examples_per_sequence
+        self.parts = [
+            TaskDataset(task, split, per_task, example_len, tokenizer, seed=seed, **options) for task in tasks
+        ]
+        self.num_examples, self.examples_per_sequence = num_examples, examples_per_sequence
 
     def __len__(self) -> int:
         return self.num_examples
 
-    def __getitem__(self, index: int) -> dict:
+    def example(self, index: int) -> dict:
         return self.parts[index % len(self.parts)][index // len(self.parts)]
+
+    def __getitem__(self, index: int) -> dict:
+        first = index * self.examples_per_sequence
+        examples = [self.example(first + offset) for offset in range(self.examples_per_sequence)]
+        return {key: torch.cat([example[key] for example in examples]) for key in examples[0]}
 
 
 def task_curriculum(
     tasks, seq_lens: list[int], steps: list[int], examples_per_step: int, tokenizer, seed: int = 0, **options
 ):
     """The training examples of a length curriculum, in the order a sequential sampler reads them: phase p has
-    `steps[p] * examples_per_step` examples of `seq_lens[p]` tokens. Each phase draws from its own seed, since
+    `steps[p] * examples_per_step` sequences of `seq_lens[p]` tokens. Each phase draws from its own seed, since
     example i of a task comes from (seed, i) and phases with one seed would repeat their codes. `options` go to
-    `TaskDataset` (needle_distance, loss_on)."""
+    `TaskMix` (examples_per_sequence) and `TaskDataset` (needle_distance, loss_on)."""
     phases = [
         TaskMix(tasks, "train", count * examples_per_step, seq_len, tokenizer, seed * len(seq_lens) + phase, **options)
         for phase, (seq_len, count) in enumerate(zip(seq_lens, steps))

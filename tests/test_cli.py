@@ -138,6 +138,12 @@ def test_resume_continues_the_step_count_and_the_loss_curve(tmp_path):
     assert (interrupted / "checkpoint-4").is_dir()
 
 
+def test_train_packs_task_examples_into_each_sequence(tmp_path):
+    assert train(tmp_path, "--max-steps", "1", "--seq-len", "400", "--examples-per-sequence", "2") == 0
+    summary = json.loads((tmp_path / "training_summary.json").read_text())
+    assert summary["data"]["examples_per_sequence"] == 2 and summary["data"]["example_chars"] == [198]
+
+
 def test_train_on_text_files(tmp_path):
     text = tmp_path / "story.txt"
     text.write_text("Titans learn to memorize at test time. " * 40)
@@ -192,6 +198,12 @@ def assert_one_line_error(capsys, command: str, *fragments: str):
         (["--config", "nowhere.json"], ["No such config file: nowhere.json"]),
         (["--tokenizer", "nowhere"], ["No tokenizer folder nowhere"]),
         (["--task", "recall", "--train-file", "a.txt"], ["not both"]),
+        (["--seq-len", "400", "--examples-per-sequence", "3"],
+         ["--examples-per-sequence 3: must be at least 1 and divide every --seq-len (400)"]),
+        (["--seq-len", "300", "--examples-per-sequence", "2"],
+         ["--seq-len 300 holds 2 passkey examples of 150 tokens; each needs at least 169"]),
+        (["--train-file", "a.txt", "--examples-per-sequence", "2"],
+         ["--examples-per-sequence is for the built-in tasks"]),
     ],
 )
 def test_train_rejects_bad_input(tmp_path, capsys, flags, fragments):

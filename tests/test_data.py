@@ -20,6 +20,7 @@ from modeling_titans.data import (
 )
 from modeling_titans.tasks import generate_example, generate_examples
 from modeling_titans.tokenization import TitansByteTokenizer
+from modeling_titans.training import TaskMix
 
 BOS, EOS, PAD = 1, 2, 0
 
@@ -151,6 +152,30 @@ def test_task_dataset_generates_example_i_on_demand(tokenizer):
         assert torch.equal(dataset[index]["input_ids"], encode_example(example, tokenizer, 260)["input_ids"])
     with pytest.raises(ValueError, match="too short for the babi task"):
         TaskDataset("babi", "train", 10, 100, tokenizer)
+
+
+def test_task_mix_packs_consecutive_examples_each_with_its_answer_loss(tokenizer):
+    # Sequence i of a 2-per-sequence mix is examples 2i and 2i + 1 of the task at half the length, one after the
+    # other, each generated from its own index (the same as the independent generator gives) and scored on its answer.
+    packed = TaskMix(["passkey", "recall"], "train", 3, 400, tokenizer, seed=5, examples_per_sequence=2)
+    assert len(packed) == 3
+    for index in range(3):
+        sequence = packed[index]
+        assert sequence["input_ids"].shape == (400,)
+        parts = []
+        for position in (2 * index, 2 * index + 1):
+            task = ("passkey", "recall")[position % 2]
+            example = generate_example(task, "train", position // 2, 198, seed=5)
+            parts.append(encode_example(example, tokenizer, 200))
+        for key in ("input_ids", "attention_mask", "labels"):
+            assert torch.equal(sequence[key], torch.cat([part[key] for part in parts])), key
+        answers = [tokens for tokens in sequence["labels"].tolist() if tokens != IGNORE_INDEX]
+        assert answers.count(EOS) == 2  # both answers keep their loss
+    one_each = TaskMix(["passkey"], "train", 2, 200, tokenizer, seed=5)
+    single = TaskDataset("passkey", "train", 2, 200, tokenizer, seed=5)
+    assert torch.equal(one_each[1]["input_ids"], single[1]["input_ids"])
+    with pytest.raises(ValueError, match="examples_per_sequence=3 must be at least 1 and divide the sequence length"):
+        TaskMix(["passkey"], "train", 1, 400, tokenizer, seed=0, examples_per_sequence=3)
 
 
 @pytest.mark.parametrize("variant", ["mag", "mac"])

@@ -64,6 +64,11 @@ class DataArguments:
         metadata={"help": "task needle distance in characters, tokens of the byte tokenizer (default: random)"},
     )
     loss_on: Literal["answer", "all"] = field(default="answer", metadata={"help": "task tokens with loss"})
+    examples_per_sequence: int = field(
+        default=1,
+        metadata={"help": "task examples one after the other in each training sequence (seq-len / N tokens each), so "
+                  "that the memory learns to take a new needle over an old one"},
+    )
     eval_examples: int = field(default=32, metadata={"help": "task validation examples"})
     train_file: list[str] = field(default_factory=list, metadata={"help": "text files: .txt (one document) or .jsonl"})
     dataset: str | None = field(default=None, metadata={"help": "a folder written by Dataset.save_to_disk, or a Hub name"})
@@ -235,6 +240,8 @@ def check_arguments(model_args, data_args, training_args) -> list[int]:
         raise CommandError(f"--seq-len {data_args.seq_len}: a training sequence needs at least 2 tokens.")
     if len(seq_lens) > 1 and not data_args.task:
         raise CommandError("--seq-len with several lengths (a curriculum) is for the built-in tasks only.")
+    if data_args.examples_per_sequence != 1 and not data_args.task:
+        raise CommandError("--examples-per-sequence is for the built-in tasks only.")
     if len(seq_lens) > training_args.max_steps:
         raise CommandError(f"--max-steps {training_args.max_steps}: need at least one step per --seq-len phase.")
     if data_args.task:
@@ -244,6 +251,17 @@ def check_arguments(model_args, data_args, training_args) -> list[int]:
         if min(seq_lens) < shortest:
             raise CommandError(
                 f"--seq-len {min(seq_lens)} is too short for the {data_args.task} task: use at least {shortest}."
+            )
+        per_sequence = data_args.examples_per_sequence
+        if per_sequence < 1 or any(length % per_sequence for length in seq_lens):
+            raise CommandError(
+                f"--examples-per-sequence {per_sequence}: must be at least 1 and divide every --seq-len "
+                f"({data_args.seq_len})."
+            )
+        if min(seq_lens) // per_sequence < shortest:
+            raise CommandError(
+                f"--seq-len {min(seq_lens)} holds {per_sequence} {data_args.task} examples of "
+                f"{min(seq_lens) // per_sequence} tokens; each needs at least {shortest}."
             )
         # The curriculum depends on the order in which the examples are read.
         training_args.train_sampling_strategy = "sequential"
@@ -318,7 +336,7 @@ def build_datasets(data_args, seq_lens, tokenizer, training_args):
     try:
         train_data = task_curriculum(
             [data_args.task], seq_lens, phase_steps(training_args.max_steps, len(seq_lens)), examples_per_step,
-            tokenizer, seed=training_args.seed, **options,
+            tokenizer, seed=training_args.seed, examples_per_sequence=data_args.examples_per_sequence, **options,
         )
         evaluation = TaskDataset(data_args.task, "validation", data_args.eval_examples, max(seq_lens), tokenizer,
                                  seed=training_args.seed, **options)
@@ -329,7 +347,8 @@ def build_datasets(data_args, seq_lens, tokenizer, training_args):
         "train_examples": len(train_data),
         "eval_examples": len(evaluation),
         "eval_split": "validation",
-        "example_chars": [length - 2 for length in seq_lens],
+        "examples_per_sequence": data_args.examples_per_sequence,
+        "example_chars": [length // data_args.examples_per_sequence - 2 for length in seq_lens],
         "needle_distance": data_args.needle_distance if data_args.needle_distance is not None else "random",
         "loss_on": data_args.loss_on,
     }
