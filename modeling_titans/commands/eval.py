@@ -22,6 +22,7 @@ import json
 import math
 import os
 
+from ..tasks import TASKS
 from . import CommandError
 
 
@@ -31,7 +32,7 @@ def add_parser(subparsers):
     )
     parser.add_argument("model_dir", metavar="DIR", help="a folder written by `titans train` or save_pretrained")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--task", help="passkey, recall or babi (default: the task the model was trained on)")
+    source.add_argument("--task", help=f"{', '.join(TASKS)} (default: the task the model was trained on)")
     source.add_argument("--text-file", metavar="FILE", help="score this UTF-8 text (.txt, or .jsonl with a text field)")
     parser.add_argument("--lengths", help="comma-separated context lengths in tokens (default: the training length)")
     parser.add_argument("--distances", help="task: comma-separated needle distances in tokens (default: 3 per length)")
@@ -53,7 +54,6 @@ def add_parser(subparsers):
 def run(args) -> int:
     from ..checkpoints import load_model_and_tokenizer
     from ..evaluation import MAX_EVAL_LENGTH, check_task_cell, default_distances
-    from ..tasks import TASKS
 
     trained = read_training_summary(args.model_dir)
     for flag in ("num_examples", "batch_size", "max_sequences"):

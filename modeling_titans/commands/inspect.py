@@ -10,6 +10,7 @@ surprise and the memory's weight norm along the sequence), `memory_trace.json` (
 
 import os
 
+from ..tasks import TASKS
 from . import CommandError
 
 
@@ -19,7 +20,7 @@ def add_parser(subparsers):
     )
     parser.add_argument("model_dir", metavar="DIR", help="a folder written by `titans train` or save_pretrained")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--task", help="a built-in task example (passkey, recall, mqar, babi; default passkey)")
+    source.add_argument("--task", help=f"a built-in task example ({', '.join(TASKS)}; default passkey)")
     source.add_argument("--text-file", metavar="FILE", help="the start of this UTF-8 text instead")
     parser.add_argument("--length", type=int, default=1024, help="task: example length in tokens (default 1024)")
     parser.add_argument("--needle-distance", type=int, help="task: needle distance in tokens (default: random)")
@@ -36,7 +37,7 @@ def run(args) -> int:
     from ..checkpoints import load_model_and_tokenizer
     from ..evaluation import check_task_cell
     from ..inspection import trace_memory, write_report
-    from ..tasks import TASKS, generate_examples
+    from ..tasks import generate_examples
 
     if args.max_tokens < 2:
         raise CommandError(f"--max-tokens {args.max_tokens}: must be at least 2.")

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
+from ..tasks import TASKS
 from . import CommandError
 
 DEFAULT_PRESET = "small"
@@ -58,7 +59,9 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    task: str | None = field(default=None, metadata={"help": f"built-in task: passkey, recall or babi (default {DEFAULT_TASK})"})
+    task: str | None = field(
+        default=None, metadata={"help": f"built-in task: {', '.join(TASKS)} (default {DEFAULT_TASK})"}
+    )
     needle_distance: int | None = field(
         default=None,
         metadata={"help": "task needle distance in characters, tokens of the byte tokenizer (default: random)"},
@@ -214,7 +217,7 @@ def run(args) -> int:
 
 def check_arguments(model_args, data_args, training_args) -> list[int]:
     """The training sequence length(s); CommandError for settings that cannot run, before any heavy work."""
-    from ..tasks import TASKS, shortest_sequence
+    from ..tasks import shortest_sequence
 
     if training_args.max_steps < 1:
         raise CommandError(f"--max-steps {training_args.max_steps}: must be at least 1.")
