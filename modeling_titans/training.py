@@ -49,33 +49,39 @@ class TaskMix(torch.utils.data.Dataset):
     With `examples_per_sequence` K > 1 each sequence holds K consecutive examples of `seq_len / K` tokens one
     after the other, each with its loss on its own answer. The memory then takes each needle on top of what the
     examples before it wrote, as in a long document with several questions; trained on one example per sequence
-    it never sees that and can diverge there (`benchmarks/README.md`, "A stream of examples through one cache")."""
+    it never sees that and can diverge there (`benchmarks/README.md`, "A stream of examples through one cache").
+    A tuple of counts alternates them: sequence i holds K = counts[i % len(counts)] examples, so (1, 2) mixes single
+    examples, whose needles lie up to `seq_len` tokens back, with pairs. Each count draws from its own seed."""
 
     def __init__(
-        self, tasks, split: str, num_examples: int, seq_len: int, tokenizer, seed: int, examples_per_sequence: int = 1,
-        **options,
+        self, tasks, split: str, num_examples: int, seq_len: int, tokenizer, seed: int,
+        examples_per_sequence: int | tuple[int, ...] = 1, **options,
     ):
-        if examples_per_sequence < 1 or seq_len % examples_per_sequence:
-            raise ValueError(
-                f"examples_per_sequence={examples_per_sequence} must be at least 1 and divide the sequence length "
-                f"{seq_len}."
-            )
-        per_task = -(-num_examples * examples_per_sequence // len(tasks))
-        example_len = seq_len // examples_per_sequence
+        counts = (examples_per_sequence,) if isinstance(examples_per_sequence, int) else tuple(examples_per_sequence)
+        for count in counts or (0,):
+            if count < 1 or seq_len % count:
+                raise ValueError(
+                    f"examples_per_sequence={count} must be at least 1 and divide the sequence length {seq_len}."
+                )
+        sequences_per_count = -(-num_examples // len(counts))
         self.parts = [
-            TaskDataset(task, split, per_task, example_len, tokenizer, seed=seed, **options) for task in tasks
+            [
+                TaskDataset(task, split, -(-sequences_per_count * count // len(tasks)), seq_len // count, tokenizer,
+                            seed=seed * len(counts) + position, **options)
+                for task in tasks
+            ]
+            for position, count in enumerate(counts)
         ]
-        self.num_examples, self.examples_per_sequence = num_examples, examples_per_sequence
+        self.num_examples, self.counts = num_examples, counts
 
     def __len__(self) -> int:
         return self.num_examples
 
-    def example(self, index: int) -> dict:
-        return self.parts[index % len(self.parts)][index // len(self.parts)]
-
     def __getitem__(self, index: int) -> dict:
-        first = index * self.examples_per_sequence
-        examples = [self.example(first + offset) for offset in range(self.examples_per_sequence)]
+        position = index % len(self.counts)
+        count, parts = self.counts[position], self.parts[position]
+        first = index // len(self.counts) * count
+        examples = [parts[example % len(parts)][example // len(parts)] for example in range(first, first + count)]
         return {key: torch.cat([example[key] for example in examples]) for key in examples[0]}
 
 

@@ -141,7 +141,11 @@ def test_resume_continues_the_step_count_and_the_loss_curve(tmp_path):
 def test_train_packs_task_examples_into_each_sequence(tmp_path):
     assert train(tmp_path, "--max-steps", "1", "--seq-len", "400", "--examples-per-sequence", "2") == 0
     summary = json.loads((tmp_path / "training_summary.json").read_text())
-    assert summary["data"]["examples_per_sequence"] == 2 and summary["data"]["example_chars"] == [198]
+    assert summary["data"]["examples_per_sequence"] == [2] and summary["data"]["example_chars"] == [[198]]
+    mixed = tmp_path / "mixed"
+    assert train(mixed, "--max-steps", "1", "--seq-len", "400", "--examples-per-sequence", "1,2") == 0
+    summary = json.loads((mixed / "training_summary.json").read_text())
+    assert summary["data"]["examples_per_sequence"] == [1, 2] and summary["data"]["example_chars"] == [[398, 198]]
 
 
 def test_train_on_text_files(tmp_path):
@@ -204,6 +208,9 @@ def assert_one_line_error(capsys, command: str, *fragments: str):
          ["--seq-len 300 holds 2 passkey examples of 150 tokens; each needs at least 169"]),
         (["--train-file", "a.txt", "--examples-per-sequence", "2"],
          ["--examples-per-sequence is for the built-in tasks"]),
+        (["--seq-len", "400", "--examples-per-sequence", "1,3"],
+         ["--examples-per-sequence 3: must be at least 1 and divide every --seq-len (400)"]),
+        (["--examples-per-sequence", "two"], ["--examples-per-sequence 'two': expected an integer"]),
     ],
 )
 def test_train_rejects_bad_input(tmp_path, capsys, flags, fragments):

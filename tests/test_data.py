@@ -178,6 +178,28 @@ def test_task_mix_packs_consecutive_examples_each_with_its_answer_loss(tokenizer
         TaskMix(["passkey"], "train", 1, 400, tokenizer, seed=0, examples_per_sequence=3)
 
 
+def test_task_mix_alternates_counts_of_examples_per_sequence(tokenizer):
+    # Counts (1, 2): even sequences hold one example of 400 tokens, odd ones two of 200; each count draws its examples
+    # in order from its own seed (seed * 2 + its position), so no code repeats between the two.
+    mixed = TaskMix(["passkey"], "train", 4, 400, tokenizer, seed=5, examples_per_sequence=(1, 2))
+    expected = {0: [(0, 400, 10)], 1: [(0, 200, 11), (1, 200, 11)], 2: [(1, 400, 10)], 3: [(2, 200, 11), (3, 200, 11)]}
+    for index, examples in expected.items():
+        parts = [
+            encode_example(generate_example("passkey", "train", position, length - 2, seed=seed), tokenizer, length)
+            for position, length, seed in examples
+        ]
+        sequence = mixed[index]
+        for key in ("input_ids", "attention_mask", "labels"):
+            assert torch.equal(sequence[key], torch.cat([part[key] for part in parts])), (index, key)
+    answers = [generate_example("passkey", "train", index, 398, seed=10).answer for index in range(2)]
+    answers += [generate_example("passkey", "train", index, 198, seed=11).answer for index in range(4)]
+    assert len(set(answers)) == len(answers)
+    with pytest.raises(ValueError, match="examples_per_sequence=3 must be at least 1"):
+        TaskMix(["passkey"], "train", 1, 400, tokenizer, seed=0, examples_per_sequence=(2, 3))
+    with pytest.raises(ValueError, match="examples_per_sequence=0 must be at least 1"):
+        TaskMix(["passkey"], "train", 1, 400, tokenizer, seed=0, examples_per_sequence=())
+
+
 @pytest.mark.parametrize("variant", ["mag", "mac"])
 def test_the_collator_drops_columns_that_are_padding_in_every_row_and_keeps_the_loss(tokenizer, variant):
     # Two examples shorter than the sequence (as with a tokenizer of multi-byte tokens): the batch keeps the

@@ -67,10 +67,11 @@ class DataArguments:
         metadata={"help": "task needle distance in characters, tokens of the byte tokenizer (default: random)"},
     )
     loss_on: Literal["answer", "all"] = field(default="answer", metadata={"help": "task tokens with loss"})
-    examples_per_sequence: int = field(
-        default=1,
+    examples_per_sequence: str = field(
+        default="1",
         metadata={"help": "task examples one after the other in each training sequence (seq-len / N tokens each), so "
-                  "that the memory learns to take a new needle over an old one"},
+                  "that the memory learns to take a new needle over an old one; comma-separated counts (1,2) "
+                  "alternate from sequence to sequence"},
     )
     eval_examples: int = field(default=32, metadata={"help": "task validation examples"})
     train_file: list[str] = field(default_factory=list, metadata={"help": "text files: .txt (one document) or .jsonl"})
@@ -243,8 +244,14 @@ def check_arguments(model_args, data_args, training_args) -> list[int]:
         raise CommandError(f"--seq-len {data_args.seq_len}: a training sequence needs at least 2 tokens.")
     if len(seq_lens) > 1 and not data_args.task:
         raise CommandError("--seq-len with several lengths (a curriculum) is for the built-in tasks only.")
-    if data_args.examples_per_sequence != 1 and not data_args.task:
+    try:
+        counts = tuple(int(item) for item in data_args.examples_per_sequence.split(",") if item.strip())
+    except ValueError:
+        raise CommandError(f"--examples-per-sequence {data_args.examples_per_sequence!r}: expected an integer "
+                           "(or integers separated by commas).") from None
+    if counts != (1,) and not data_args.task:
         raise CommandError("--examples-per-sequence is for the built-in tasks only.")
+    data_args.examples_per_sequence = counts
     if len(seq_lens) > training_args.max_steps:
         raise CommandError(f"--max-steps {training_args.max_steps}: need at least one step per --seq-len phase.")
     if data_args.task:
@@ -255,17 +262,17 @@ def check_arguments(model_args, data_args, training_args) -> list[int]:
             raise CommandError(
                 f"--seq-len {min(seq_lens)} is too short for the {data_args.task} task: use at least {shortest}."
             )
-        per_sequence = data_args.examples_per_sequence
-        if per_sequence < 1 or any(length % per_sequence for length in seq_lens):
-            raise CommandError(
-                f"--examples-per-sequence {per_sequence}: must be at least 1 and divide every --seq-len "
-                f"({data_args.seq_len})."
-            )
-        if min(seq_lens) // per_sequence < shortest:
-            raise CommandError(
-                f"--seq-len {min(seq_lens)} holds {per_sequence} {data_args.task} examples of "
-                f"{min(seq_lens) // per_sequence} tokens; each needs at least {shortest}."
-            )
+        for per_sequence in counts or (0,):
+            if per_sequence < 1 or any(length % per_sequence for length in seq_lens):
+                raise CommandError(
+                    f"--examples-per-sequence {per_sequence}: must be at least 1 and divide every --seq-len "
+                    f"({data_args.seq_len})."
+                )
+            if min(seq_lens) // per_sequence < shortest:
+                raise CommandError(
+                    f"--seq-len {min(seq_lens)} holds {per_sequence} {data_args.task} examples of "
+                    f"{min(seq_lens) // per_sequence} tokens; each needs at least {shortest}."
+                )
         # The curriculum depends on the order in which the examples are read.
         training_args.train_sampling_strategy = "sequential"
     return seq_lens
@@ -350,8 +357,8 @@ def build_datasets(data_args, seq_lens, tokenizer, training_args):
         "train_examples": len(train_data),
         "eval_examples": len(evaluation),
         "eval_split": "validation",
-        "examples_per_sequence": data_args.examples_per_sequence,
-        "example_chars": [length // data_args.examples_per_sequence - 2 for length in seq_lens],
+        "examples_per_sequence": list(data_args.examples_per_sequence),
+        "example_chars": [[length // count - 2 for count in data_args.examples_per_sequence] for length in seq_lens],
         "needle_distance": data_args.needle_distance if data_args.needle_distance is not None else "random",
         "loss_on": data_args.loss_on,
     }
