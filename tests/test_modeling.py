@@ -160,6 +160,33 @@ def test_forget_scale_stretches_the_forgetting_and_zero_switches_it_off(variant)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+def test_max_norm_bounds_the_memory_and_keeps_prefill_plus_decode_exact(variant):
+    """`memory_max_norm` R projects every head's weight matrices onto ||W||_F <= R where a chunk closes: with R
+    below the initial norms it changes the output, prefill (ending mid-chunk) + decode still equals the full forward,
+    and the cache's weights lie in the ball; with R above every norm reached it changes nothing."""
+    model = tiny_model(variant)
+    input_ids = random_ids(2, 3 * SEQ_LEN // 2)
+    as_trained = full_logits(model, input_ids)
+    initial = [w for layer in model.model.layers for w in layer.mixer.memory.network.initial_weights]
+    max_norm = 0.5 * min(torch.linalg.matrix_norm(w).min().item() for w in initial)
+
+    model.config.memory_max_norm = max_norm  # every memory layer reads the model's config at each call
+    bounded = full_logits(model, input_ids)
+    assert (bounded - as_trained).abs().max() > 1e-4
+    cache = TitansCache(model.config)
+    with torch.no_grad():
+        decoded = prefill_then_decode(model, input_ids, SEQ_LEN // 2 + 1, cache)
+    torch.testing.assert_close(decoded, bounded, rtol=0, atol=1e-4)
+    for layer in cache.layers:
+        memory = getattr(layer.state, "memory", layer.state)  # a memory-only layer's state is the memory's
+        for weights in memory.snapshot:  # the state at the last chunk boundary
+            assert torch.linalg.matrix_norm(weights).max().item() <= max_norm * (1 + 1e-5)
+
+    model.config.memory_max_norm = 1e9
+    torch.testing.assert_close(full_logits(model, input_ids), as_trained, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_switching_memory_writes_off_changes_the_output_and_back_on_restores_it(variant):
     model = tiny_model(variant)
     input_ids = random_ids(1, SEQ_LEN)

@@ -47,9 +47,10 @@ def network_for(weights, expansion=EXPANSION, normalize=False) -> MemoryMLP:
     return MemoryMLP(heads, d, len(weights), expansion, normalize_gradient=normalize)
 
 
-def ref_memory(m0, q, k, v, alpha, eta, theta, chunk_size, normalize=False):
+def ref_memory(m0, q, k, v, alpha, eta, theta, chunk_size, normalize=False, max_norm=None):
     """The naive per-token recurrence of `ops/naive.py` (reads, M_T, M_{t'}, S_T)."""
-    return naive_neural_memory(network_for(m0, normalize=normalize), m0, q, k, v, alpha, eta, theta, chunk_size)
+    network = network_for(m0, normalize=normalize)
+    return naive_neural_memory(network, m0, q, k, v, alpha, eta, theta, chunk_size, max_norm)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -92,6 +93,12 @@ def make_problem(
     return [w.to(dtype) for w in m0], {name: x.to(dtype) for name, x in p.items()}
 
 
+def middle_norm(weights) -> float:
+    """A `max_norm` just below the mean Frobenius norm of the weight matrices: the bound projects some of them where
+    a chunk closes, and leaves others as they are."""
+    return 0.9 * torch.cat([torch.linalg.matrix_norm(w).flatten() for w in weights]).mean().item()
+
+
 def gates(p):
     """(alpha, eta, theta) from the logits."""
     return torch.sigmoid(p["alpha_logit"]), torch.sigmoid(p["eta_logit"]), torch.sigmoid(p["theta_logit"])
@@ -102,7 +109,7 @@ def op_gates(alpha, eta, theta):
     return torch.log1p(-alpha), None if eta is None else torch.log(eta), theta
 
 
-def run_scan(m0, p, alpha, eta, theta, chunk_size, write_mask=None, normalize=False):
+def run_scan(m0, p, alpha, eta, theta, chunk_size, write_mask=None, normalize=False, max_norm=None):
     state = initial_state(m0, p["q"].shape[0], use_momentum=eta is not None)
     return neural_memory_scan(
         network_for(m0, normalize=normalize),
@@ -113,6 +120,7 @@ def run_scan(m0, p, alpha, eta, theta, chunk_size, write_mask=None, normalize=Fa
         *op_gates(alpha, eta, theta),
         chunk_size=chunk_size,
         write_mask=write_mask,
+        max_norm=max_norm,
     )
 
 
@@ -146,18 +154,18 @@ def assert_differ(a, b, min_diff=1e-3):
     assert (a - b).abs().max().item() > min_diff, "the switch changed nothing"
 
 
-def check_against_reference(m0, p, alpha, eta, theta, chunk_size, dtype, normalize=False):
+def check_against_reference(m0, p, alpha, eta, theta, chunk_size, dtype, normalize=False, max_norm=None):
     """The op in `dtype` vs the fp64 reference on the same (dtype-rounded) inputs.
 
     fp64: 1e-10. fp32: 1e-5 relative, widened to 10x the error of the reference itself run in fp32 where the problem
     is worse conditioned than that (the LayerNorm of deep memory scales rounding errors by 1/std of its input)."""
-    reads, state = run_scan(m0, p, alpha, eta, theta, chunk_size, normalize=normalize)
+    reads, state = run_scan(m0, p, alpha, eta, theta, chunk_size, normalize=normalize, max_norm=max_norm)
     eta_ref = torch.zeros_like(theta) if eta is None else eta
     args = (batched(m0), p["q"], p["k"], p["v"], alpha, eta_ref, theta)
-    ref_reads, ref_w, ref_snap, ref_s = ref_memory(*(to64(x) for x in args), chunk_size, normalize)
+    ref_reads, ref_w, ref_snap, ref_s = ref_memory(*(to64(x) for x in args), chunk_size, normalize, max_norm)
     tol = TOL[dtype]
     if dtype != torch.float64:
-        naive_reads, naive_w, *_ = ref_memory(*args, chunk_size, normalize)
+        naive_reads, naive_w, *_ = ref_memory(*args, chunk_size, normalize, max_norm)
         tol = max(tol, 10 * max(rel_error(a, e) for a, e in zip([naive_reads, *naive_w], [ref_reads, *ref_w])))
     assert reads.dtype == dtype and state.weights[0].dtype == dtype
     assert_close(reads, ref_reads, tol)
@@ -278,7 +286,7 @@ def test_no_momentum_no_forgetting():
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def step_through(network, state, p, log_retain, log_momentum, lr, chunk_size, start, stop):
+def step_through(network, state, p, log_retain, log_momentum, lr, chunk_size, start, stop, max_norm=None):
     """`neural_memory_step` on tokens start..stop-1; position t closes its chunk when (t + 1) % chunk_size == 0."""
     reads = []
     for t in range(start, stop):
@@ -294,6 +302,7 @@ def step_through(network, state, p, log_retain, log_momentum, lr, chunk_size, st
             None if log_momentum is None else log_momentum[..., at],
             lr[..., at],
             closes,
+            max_norm=max_norm,
         )
         reads.append(read)
     return torch.cat(reads, -2), state
@@ -330,14 +339,17 @@ def test_step_matches_scan(chunk_size, depth, gate_kind, use_momentum):
     assert_same_state(step_state, scan_state, 1e-10)
 
 
+@pytest.mark.parametrize("bounded", [False, True], ids=["unbounded", "bounded"])
 @pytest.mark.parametrize("depth", [1, 2])
 @pytest.mark.parametrize("chunk_size, prefix", [(4, 7), (4, 8), (5, 3), (1, 6)])
-def test_prefill_then_step_matches_scan(depth, chunk_size, prefix):
-    """Scan over a prefix (prefill, ending mid-chunk or on a boundary), then step over the rest == full scan."""
+def test_prefill_then_step_matches_scan(depth, chunk_size, prefix, bounded):
+    """Scan over a prefix (prefill, ending mid-chunk or on a boundary), then step over the rest == full scan; also
+    with `max_norm` projecting some of the weight matrices where a chunk closes."""
     length = 14
     m0, p = make_problem(depth, length, seed=12)
+    max_norm = middle_norm(m0) if bounded else None
     log_retain, log_momentum, lr = op_gates(*gates(p))
-    full_reads, full_state = run_scan(m0, p, *gates(p), chunk_size)
+    full_reads, full_state = run_scan(m0, p, *gates(p), chunk_size, max_norm=max_norm)
     head = {name: x[..., :prefix, :] if x.dim() == 4 else x[..., :prefix] for name, x in p.items()}
     pre_reads, state = neural_memory_scan(
         network_for(m0),
@@ -349,8 +361,11 @@ def test_prefill_then_step_matches_scan(depth, chunk_size, prefix):
         log_momentum[..., :prefix],
         lr[..., :prefix],
         chunk_size=chunk_size,
+        max_norm=max_norm,
     )
-    rest_reads, state = step_through(network_for(m0), state, p, log_retain, log_momentum, lr, chunk_size, prefix, length)
+    rest_reads, state = step_through(
+        network_for(m0), state, p, log_retain, log_momentum, lr, chunk_size, prefix, length, max_norm
+    )
     assert_close(torch.cat([pre_reads, rest_reads], -2), full_reads, 1e-10)
     assert_same_state(state, full_state, 1e-10)
 
@@ -397,14 +412,17 @@ def test_step_closes_chunk_per_row():
 
 
 @pytest.mark.parametrize("use_momentum", [True, False])
-@pytest.mark.parametrize("depth, per_channel", [(1, False), (2, False), (1, True)])
+@pytest.mark.parametrize("depth, per_channel, bounded", [(1, False, False), (2, False, False), (1, True, False),
+                                                        (2, False, True)])
 @pytest.mark.parametrize("chunk_size", [1, 4])
-def test_trailing_padding_is_identity(chunk_size, depth, per_channel, use_momentum):
+def test_trailing_padding_is_identity(chunk_size, depth, per_channel, bounded, use_momentum):
     """Each row of a right-padded batch gives, on its real tokens, the reads and final state (M, M_{t'}, S) of
     the row alone; padding never closes a chunk. Lengths 13, 6, 8 with chunk 4: rows ending mid-chunk, on a
-    boundary, and with a whole padded chunk after the last real token. Also with per-channel forgetting."""
+    boundary, and with a whole padded chunk after the last real token. Also with per-channel forgetting, and with
+    `max_norm` (the bound applies where a row's own chunk closes, never in its padding)."""
     lengths, total = [13, 6, 8], 13
     m0, p = make_problem(depth, total, seed=15, batch=len(lengths), per_channel=per_channel)
+    max_norm = middle_norm(m0) if bounded else None
     p = {name: x.clone() for name, x in p.items()}
     write_mask = torch.arange(total) < torch.tensor(lengths)[:, None]
     for name, x in p.items():  # garbage in the padding: large values that would change everything if written
@@ -412,11 +430,12 @@ def test_trailing_padding_is_identity(chunk_size, depth, per_channel, use_moment
         x.masked_fill_(pad.expand_as(x), 5.0)
     alpha, eta, theta = gates(p)
     eta = eta if use_momentum else None
-    reads, state = run_scan(m0, p, alpha, eta, theta, chunk_size, write_mask=write_mask)
+    reads, state = run_scan(m0, p, alpha, eta, theta, chunk_size, write_mask=write_mask, max_norm=max_norm)
     for row, n in enumerate(lengths):
         own = {name: x[row : row + 1, :, :n] for name, x in p.items()}  # token axis 2 for every input
         own_alpha, own_eta, own_theta = gates(own)
-        own_reads, own_state = run_scan(m0, own, own_alpha, own_eta if use_momentum else None, own_theta, chunk_size)
+        own_eta = own_eta if use_momentum else None
+        own_reads, own_state = run_scan(m0, own, own_alpha, own_eta, own_theta, chunk_size, max_norm=max_norm)
         assert_close(reads[row : row + 1, :, :n], own_reads, 1e-10)
         assert_same_state(state.map(lambda w: w[row : row + 1]), own_state, 1e-10)
         mid_chunk = n % chunk_size != 0
@@ -447,23 +466,26 @@ def test_padding_does_not_close_chunk_against_reference():
 
 @pytest.mark.parametrize("use_momentum", [True, False])
 @pytest.mark.parametrize(
-    "depth, chunk_size, padded, gate_kind",
+    "depth, chunk_size, padded, gate_kind, bounded",
     [
-        (1, 2, False, "shared"), (2, 3, False, "shared"), (2, 2, False, "shared"), (2, 2, True, "shared"),
-        (2, 2, True, "per_layer"), (1, 2, True, "per_channel"),
+        (1, 2, False, "shared", False), (2, 3, False, "shared", False), (2, 2, False, "shared", False),
+        (2, 2, True, "shared", False), (2, 2, True, "per_layer", False), (1, 2, True, "per_channel", False),
+        (1, 2, True, "shared", True), (2, 2, False, "per_layer", True),
     ],
 )
 @pytest.mark.parametrize("normalize", [False, True], ids=["plain", "normalized"])
-def test_gradcheck_scan(depth, chunk_size, padded, gate_kind, use_momentum, normalize):
+def test_gradcheck_scan(depth, chunk_size, padded, gate_kind, bounded, use_momentum, normalize):
     """gradcheck (fp64) of reads and final state w.r.t. q, k, v, the raw gate logits (shared, per layer or alpha per
     channel) and M_0 (shared by the batch), through second-order terms of the inner gradient; 5 tokens, the last
-    chunk partial; `padded`: the second row has 3 real tokens (write_mask)."""
+    chunk partial; `padded`: the second row has 3 real tokens (write_mask); `bounded`: `max_norm` projects some
+    weight matrices where a chunk closes."""
     batch, heads, d, length = 2, 1, 3, 5
     write_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]).bool() if padded else None
     m0, p = make_problem(
         depth, length, seed=17, batch=batch, heads=heads, d=d, per_layer=gate_kind == "per_layer",
         per_channel=gate_kind == "per_channel",
     )
+    max_norm = middle_norm(m0) if bounded else None
     names = ["q", "k", "v", "alpha_logit", "eta_logit", "theta_logit"]
     inputs = [p[n].clone().requires_grad_() for n in names] + [w.clone().requires_grad_() for w in m0]
 
@@ -473,28 +495,32 @@ def test_gradcheck_scan(depth, chunk_size, padded, gate_kind, use_momentum, norm
         log_momentum = F.logsigmoid(eta_logit) if use_momentum else None
         reads, out = neural_memory_scan(
             network_for(weights, normalize=normalize), state, q, k, v, log_retain, log_momentum,
-            torch.sigmoid(theta_logit), chunk_size, write_mask,
+            torch.sigmoid(theta_logit), chunk_size, write_mask, max_norm,
         )
         return (reads, *out.weights, *out.snapshot, *(out.momentum or ()))
 
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
+@pytest.mark.parametrize("bounded", [False, True], ids=["unbounded", "bounded"])
 @pytest.mark.parametrize("normalize", [False, True], ids=["plain", "normalized"])
-def test_gradcheck_step(normalize):
-    """gradcheck (fp64) of one decode step from a non-trivial state (momentum and snapshot as inputs)."""
+def test_gradcheck_step(normalize, bounded):
+    """gradcheck (fp64) of one decode step from a non-trivial state (momentum and snapshot as inputs); `bounded`:
+    the first row closes its chunk and `max_norm` projects some of its weight matrices."""
     m0, p = make_problem(2, 1, seed=18, batch=2, heads=1, d=3)
     g = torch.Generator().manual_seed(19)
     extra = [0.3 * torch.randn(2, *w.shape, generator=g, dtype=torch.float64) for w in m0 for _ in range(3)]
     names = ["q", "k", "v", "alpha_logit", "eta_logit", "theta_logit"]
     inputs = [p[n].clone().requires_grad_() for n in names] + [x.requires_grad_() for x in extra]
+    max_norm = middle_norm(extra[0::3]) if bounded else None
 
     def fn(q, k, v, alpha_logit, eta_logit, theta_logit, *tensors):
         w, snap, s = tensors[0::3], tensors[1::3], tensors[2::3]
         state = MemoryState(weights=w, snapshot=snap, momentum=s)
         gate = (F.logsigmoid(-alpha_logit), F.logsigmoid(eta_logit), torch.sigmoid(theta_logit))
         reads, out = neural_memory_step(
-            network_for(m0, normalize=normalize), state, q, k, v, *gate, closes_chunk=torch.tensor([True, False])
+            network_for(m0, normalize=normalize), state, q, k, v, *gate, closes_chunk=torch.tensor([True, False]),
+            max_norm=max_norm,
         )
         return (reads, *out.weights, *out.snapshot, *out.momentum)
 
@@ -552,3 +578,28 @@ def test_low_precision_inputs_run_in_fp32():
     assert all(w.dtype == torch.float32 for w in (*state.weights, *state.snapshot, *state.momentum))
     assert torch.equal(reads.float(), ref_reads.to(reads.dtype).float())
     assert_same_state(state, ref_state, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 7. Bounded weights: `max_norm` projects each weight matrix onto a Frobenius ball where a chunk closes
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("chunk_size, length", [(1, 11), (4, 13), (4, 16)])
+def test_bounded_scan_matches_reference(dtype, depth, chunk_size, length):
+    """With `max_norm`, the scan equals the per-token reference that rescales W and S after a chunk's last read;
+    the weights at the last chunk boundary lie in the ball, the reads differ from the unbounded ones, and a bound
+    above every norm changes nothing at all."""
+    m0, p = make_problem(depth, length, seed=depth * 5 + chunk_size + length, dtype=dtype)
+    max_norm = middle_norm(m0)
+    reads, state = check_against_reference(m0, p, *gates(p), chunk_size, dtype, max_norm=max_norm)
+    unbounded, unbounded_state = run_scan(m0, p, *gates(p), chunk_size)
+    assert_differ(reads, unbounded)
+    for weights in state.snapshot:
+        assert torch.linalg.matrix_norm(weights).max().item() <= max_norm * (1 + TOL[dtype])
+    loose, loose_state = run_scan(m0, p, *gates(p), chunk_size, max_norm=1e6)
+    assert torch.equal(loose, unbounded)
+    assert all(torch.equal(a, b) for a, b in zip(loose_state.weights, unbounded_state.weights))
+

@@ -82,6 +82,12 @@ class TitansConfig(PreTrainedConfig):
       contexts longer than those the rates were learned on, as RoPE scaling is for positions: the passkey models
       trained up to 16K-64K tokens forget a needle 64K back at their learned rates and find it with 0.25
       (`docs/architecture.md`, "Forgetting at lengths beyond training").
+    - `memory_max_norm` (default None: unbounded, the paper's update): where a chunk closes, every weight matrix
+      of a memory head is projected onto the ball ||W||_F <= memory_max_norm and its momentum scaled alike. A
+      guard for long streams through one cache, where a model's momentum can carry its writes far beyond the
+      inner step's bound; like `memory_forget_scale` it can be set on a trained model, and with a bound above the
+      norms the model reaches on one document it changes nothing there (`docs/architecture.md`, "Bounding the
+      weights"). Such a layer runs on the autograd scan.
     - `memory_gates_from_input` (default True): alpha_t, eta_t and theta_t are computed from each token; False
       makes each a learned constant per memory head (the data-independent gates of the paper's ablations).
     - `memory_per_layer_gates` (default False): each weight matrix of a deep memory gets its own alpha_t, eta_t and
@@ -130,6 +136,7 @@ class TitansConfig(PreTrainedConfig):
     memory_lr_max: float = 1.0
     memory_forget_init: float = 0.001
     memory_forget_scale: float = 1.0
+    memory_max_norm: float | None = None
     memory_momentum_init: float = 0.9
     memory_lr_init: float = 0.3
     memory_lr_relative: bool = True
@@ -228,6 +235,12 @@ class TitansConfig(PreTrainedConfig):
             and not isinstance(self.memory_forget_scale, bool)
             and 0.0 <= self.memory_forget_scale < math.inf,
             "memory_forget_scale", "must be a finite number >= 0",
+        )
+        require(
+            self.memory_max_norm is None
+            or (isinstance(self.memory_max_norm, (int, float)) and not isinstance(self.memory_max_norm, bool)
+                and 0.0 < self.memory_max_norm < math.inf),
+            "memory_max_norm", "must be None or a finite number > 0",
         )
         for field in ("memory_forget_init", "memory_momentum_init", "memory_lr_init"):
             require(0.0 < getattr(self, field) < 1.0, field, "must lie strictly between 0 and 1")

@@ -202,9 +202,14 @@ class TitansNeuralMemory(nn.Module):
         if q.shape[2] == 1:
             closes_chunk = (tokens.seen + 1) % self.chunk_size == 0
             row_mask = None if write_mask is None else write_mask[:, 0]
-            return neural_memory_step(self.network, state, q, k, v, *gates, closes_chunk, row_mask)
-        if self.config.memory_forget_per_channel:  # the checkpointed scan's backward is written for scalar gates
-            return neural_memory_scan(self.network, state, q, k, v, *gates, self.chunk_size, write_mask)
+            return neural_memory_step(
+                self.network, state, q, k, v, *gates, closes_chunk, row_mask, self.config.memory_max_norm
+            )
+        # The checkpointed scan's hand-derived backward covers scalar gates and unbounded weights only.
+        if self.config.memory_forget_per_channel or self.config.memory_max_norm is not None:
+            return neural_memory_scan(
+                self.network, state, q, k, v, *gates, self.chunk_size, write_mask, self.config.memory_max_norm
+            )
         return checkpointed_memory_scan(
             self.network, state, q, k, v, *gates, self.chunk_size, write_mask, compile_steps=self.compile_scan
         )

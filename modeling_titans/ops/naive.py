@@ -35,13 +35,17 @@ def naive_token_gradient(network: MemoryMLP, weights, key: torch.Tensor, value: 
     return tuple(g * scale for g in grads)
 
 
-def naive_neural_memory(network: MemoryMLP, initial_weights, q, k, v, alpha, eta, theta, chunk_size: int):
+def naive_neural_memory(
+    network: MemoryMLP, initial_weights, q, k, v, alpha, eta, theta, chunk_size: int, max_norm: float | None = None
+):
     """Eqs. 12-15 token by token, gradients at M_{t'} (Sec. 3.2).
 
     initial_weights: per layer (batch, heads, d_in, d_out); q, k, v: (batch, heads, T, d); alpha, eta, theta:
     (batch, heads, T) (eta = 0 switches momentum off, alpha = 0 forgetting), or (layers, batch, heads, T) for
     per-layer gates: weight matrix l then follows Eqs. 13-14 with alpha[l], eta[l], theta[l]. Per-channel
     forgetting: alpha (batch, heads, T, d_out) of a matrix memory, column o of M decaying by 1 - alpha[..., o].
+    `max_norm`: after the read of a chunk's last token, every weight matrix W of a head with ||W||_F > max_norm
+    and its momentum are multiplied by max_norm / ||W||_F.
     Returns the reads, the final weights M_T, the snapshot M_{t'} (weights at the start of the current chunk)
     and the momentum S_T.
     """
@@ -64,6 +68,11 @@ def naive_neural_memory(network: MemoryMLP, initial_weights, q, k, v, alpha, eta
             momentum = [e * s - th * g for s, g in zip(momentum, grads)]  # Eq. 14
             weights = [(1 - a) * w + s for w, s in zip(weights, momentum)]  # Eq. 13
         reads.append(network.read(weights, q[..., at, :]))  # Eq. 15, after the write
+        if max_norm is not None and (t + 1) % chunk_size == 0:
+            for n, w in enumerate(weights):
+                norm = torch.linalg.matrix_norm(w)[..., None, None]  # Frobenius, per row and head
+                factor = torch.where(norm > max_norm, max_norm / norm, torch.ones_like(norm))
+                weights[n], momentum[n] = w * factor, momentum[n] * factor
     if q.shape[-2] % chunk_size == 0:  # the chunk just closed: the next one starts here
         snapshot = weights
     return torch.cat(reads, -2), weights, snapshot, momentum

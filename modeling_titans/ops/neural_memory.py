@@ -88,6 +88,20 @@ def select_rows(condition: torch.Tensor | bool, if_true: Weights, if_false: Weig
     return tuple(torch.where(mask, a, b) for a, b in zip(if_true, if_false))
 
 
+def bound_norm(weights: Weights, momentum: Weights | None, max_norm: float | None, rows: torch.Tensor | bool = True):
+    """Projects each weight matrix of every head onto the ball ||W||_F <= `max_norm` and scales its momentum by the
+    same factor (the rows where `rows` is True; None: no bound). The scans and the decoding step call it where a
+    chunk closes, after the chunk's reads: the state carried to the next chunk is bounded, whatever the gates do
+    (`docs/architecture.md`, "Bounding the weights")."""
+    if max_norm is None:
+        return weights, momentum
+    scales = [max_norm / w.norm(dim=(-2, -1), keepdim=True).clamp(min=max_norm) for w in weights]
+    bounded = select_rows(rows, tuple(w * scale for w, scale in zip(weights, scales)), weights)
+    if momentum is not None:
+        momentum = select_rows(rows, tuple(s * scale for s, scale in zip(momentum, scales)), momentum)
+    return bounded, momentum
+
+
 def _pairwise_decay(log_cumulative: torch.Tensor) -> torch.Tensor:
     """exp(L_t - L_s) for s <= t, 0 above the diagonal: ratios of cumulative products, built in log space."""
     length = log_cumulative.shape[-1]
@@ -278,12 +292,14 @@ def neural_memory_scan(
     lr: torch.Tensor,
     chunk_size: int,
     write_mask: torch.Tensor | None = None,
+    max_norm: float | None = None,
 ):
     """Chunked parallel form for training and prefill (Sec. 3.2): loops over chunks, never over tokens.
 
     Index 0 must be a chunk boundary of every row (the caller starts each row at a chunk boundary). Padding is
     allowed only after a row's last real token (`write_mask` (batch, T), 1 = real): it is the identity and never
-    closes a chunk, so the returned state of every row is the state after its own last token.
+    closes a chunk, so the returned state of every row is the state after its own last token. `max_norm` bounds
+    the weights where a chunk closes (`bound_norm`).
 
     Returns reads (batch, heads, T, d_head) in fp32 (fp64 for fp64 inputs) and the new `MemoryState`.
     """
@@ -307,7 +323,9 @@ def neural_memory_scan(
         reads.append(chunk_reads)
         end += chunk_reads.shape[-2]
         if chunk_reads.shape[-2] == chunk_size:  # a full chunk: the next one takes its gradients here
-            snapshot = weights if write_mask is None else select_rows(write_mask[:, end - 1].bool(), weights, snapshot)
+            closed = True if write_mask is None else write_mask[:, end - 1].bool()
+            weights, momentum = bound_norm(weights, momentum, max_norm, closed)
+            snapshot = select_rows(closed, weights, snapshot)
     return torch.cat(reads, dim=-2), MemoryState(weights=weights, snapshot=snapshot, momentum=momentum)
 
 
@@ -345,6 +363,7 @@ def neural_memory_step(
     lr: torch.Tensor,
     closes_chunk: torch.Tensor,
     write_mask: torch.Tensor | None = None,
+    max_norm: float | None = None,
 ):
     """One token per row, for decoding: the same math as a chunk of length one (`chunk_update`), written as the
     plain recurrence because one token needs no dual form:
@@ -355,8 +374,8 @@ def neural_memory_step(
     (one matmul per layer instead of the dual form's three).
 
     `closes_chunk` (batch,) bool says, per row, whether this token is the last of its chunk; there the weights
-    become the gradient point of the next chunk, exactly as in `neural_memory_scan`. Rows whose `write_mask`
-    (batch,) is False (padding) keep their state.
+    become the gradient point of the next chunk, and `max_norm` bounds them (`bound_norm`), exactly as in
+    `neural_memory_scan`. Rows whose `write_mask` (batch,) is False (padding) keep their state.
     """
     queries, keys, values, log_retain, log_momentum, lr = _to_dtype(
         compute_dtype(queries.dtype), queries, keys, values, log_retain, log_momentum, lr
@@ -382,5 +401,6 @@ def neural_memory_step(
         weights = select_rows(write_mask, weights, state.weights)
         momentum = None if momentum is None else select_rows(write_mask, momentum, state.momentum)
         closes_chunk = closes_chunk & write_mask
+    weights, momentum = bound_norm(weights, momentum, max_norm, closes_chunk)
     snapshot = select_rows(closes_chunk, weights, state.snapshot)
     return reads, MemoryState(weights=weights, snapshot=snapshot, momentum=momentum)
