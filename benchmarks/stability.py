@@ -14,6 +14,7 @@ well as alone.
     python benchmarks/stability.py                       # 100K tokens of MAG, ~10 minutes of CPU
     python benchmarks/stability.py --variants mac mag --tokens 20000
     python benchmarks/stability.py --model runs/demo/model --task passkey --length 384 --examples 20
+    python benchmarks/stability.py --model runs/demo/model --task passkey --max-norm 300   # bounded weights
 """
 
 from __future__ import annotations
@@ -36,12 +37,18 @@ def add_arguments(parser):
     parser.add_argument("--model", help="a trained Titans folder for --task (default: a random tiny model)")
     parser.add_argument("--length", type=int, default=384, help="tokens per example (--task)")
     parser.add_argument("--examples", type=int, default=20, help="examples in the stream (--task)")
+    parser.add_argument("--max-norm", type=float, help="bound each memory weight matrix's norm (memory_max_norm)")
+
+
+def memory_states(cache) -> list:
+    """The neural memory's state of every layer: the whole layer state of a memory-only (LMM) layer."""
+    return [getattr(layer.state, "memory", layer.state) for layer in cache.layers]
 
 
 def state_summary(cache) -> dict:
     """Largest weight and momentum norms over layers and heads, and whether every cache tensor is finite."""
-    weight_norm = max(float(w.norm(dim=(-2, -1)).max()) for layer in cache.layers for w in layer.state.memory.weights)
-    momentum = [s for layer in cache.layers for s in (layer.state.memory.momentum or ())]
+    weight_norm = max(float(w.norm(dim=(-2, -1)).max()) for memory in memory_states(cache) for w in memory.weights)
+    momentum = [s for memory in memory_states(cache) for s in (memory.momentum or ())]
     momentum_norm = max((float(s.norm(dim=(-2, -1)).max()) for s in momentum), default=0.0)
     finite = True
 
@@ -91,7 +98,10 @@ def stream_and_watch(args) -> list[dict]:
     if args.model:
         model, tokenizer = load_model_and_tokenizer(args.model)
     else:
-        model, tokenizer = TitansForCausalLM(TitansConfig.from_preset("tiny")), TitansByteTokenizer()
+        config = TitansConfig.from_preset("tiny", variant=args.variants[0])
+        model, tokenizer = TitansForCausalLM(config), TitansByteTokenizer()
+    if args.max_norm is not None:  # else as saved
+        model.config.memory_max_norm = args.max_norm
     model = model.to(args.device).eval()
     examples = TaskMix([args.task], "validation", args.examples, args.length, tokenizer, seed=0)
     cache = TitansCache(model.config)
@@ -112,6 +122,8 @@ def main():
     args = parse_args(__doc__.splitlines()[0], add_arguments)
     if args.model and not args.task:
         raise SystemExit("stability.py: --model streams task examples; add --task (e.g. --task passkey).")
+    if args.max_norm is not None and not (args.task and 0 < args.max_norm < float("inf")):
+        raise SystemExit("stability.py: --max-norm takes a finite number > 0 and applies to --task streams.")
     if args.smoke:
         args.tokens, args.every, args.examples = 300, 100, 3
         args.length = min(args.length, 192)
@@ -122,7 +134,8 @@ def main():
             raise SystemExit(f"stability.py: {error}") from None
         name, source = "stability_stream", args.model or "random tiny model"
         title = f"A stream of {args.task} examples through one cache ({source}; loss on each answer)"
-        config = {"task": args.task, "model": source, "length": args.length, "examples": args.examples}
+        config = {"task": args.task, "model": source, "length": args.length, "examples": args.examples,
+                  "max_norm": args.max_norm}
     else:
         rows = [row for variant in args.variants for row in generate_and_watch(args, variant)]
         name, title = "stability", "Long generation (tiny preset, sampling; ms/token = median CPU time)"

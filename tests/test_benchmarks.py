@@ -158,6 +158,15 @@ def test_stability_streams_task_examples_through_one_cache(tmp_path):
     assert results["summary"]["all_finite"] is True and results["config"]["task"] == "passkey"
 
 
+@pytest.mark.parametrize("variant", ["mag", "lmm"])
+def test_stability_stream_with_bounded_weights(tmp_path, variant):
+    """`--max-norm R`: the memory's weights after every example (each ends where a chunk closes) lie in the ball."""
+    flags = ["--task", "passkey", "--variants", variant, "--max-norm", "0.5"]
+    results = run_smoke("stability", flags, tmp_path, results_name="stability_stream")
+    assert results["config"]["max_norm"] == 0.5
+    assert all(0.4 < row["max |M|"] <= 0.5 * (1 + 1e-5) for row in results["rows"])
+
+
 def test_memory_op_flops_counts_one_chunk_by_hand():
     # One head, depth 1 (d -> d), one chunk of c tokens: gradient forward 2cd^2, reads 2*2cd^2 + 2c^2*2d,
     # state 2*2cd^2, gate products 2c^3 + 2c^2.

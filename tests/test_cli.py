@@ -104,18 +104,24 @@ def test_eval_scores_greedy_answers(trained, tmp_path, capsys, memory):
         assert f"{cell['correct']}/3" in table
 
 
-def test_eval_forget_scale_sets_the_memory_forgetting_for_the_run(trained, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "flag, value, field, as_saved, label",
+    [("--forget-scale", 0.25, "memory_forget_scale", 1.0, "forget scale 0.25"),
+     ("--max-norm", 0.05, "memory_max_norm", None, "max norm 0.05")],
+)
+def test_eval_memory_settings_apply_to_the_run(trained, tmp_path, capsys, flag, value, field, as_saved, label):
+    """`--forget-scale` and `--max-norm` set a config field of the memory for the run: the report records it, and the
+    answers are those of the model loaded with the field as a config override, the transformers way."""
     report_path = tmp_path / "report.json"
     flags = ["--task", "passkey", "--lengths", "200", "--distances", "60", "--num-examples", "2"]
     assert main(["eval", str(trained), *flags, "--json", str(report_path)]) == 0
-    assert json.loads(report_path.read_text())["memory_forget_scale"] == 1.0  # as saved
+    assert json.loads(report_path.read_text())[field] == as_saved
     capsys.readouterr()
-    assert main(["eval", str(trained), *flags, "--forget-scale", "0.25", "--json", str(report_path)]) == 0
-    assert "memory on, forget scale 0.25," in capsys.readouterr().out
+    assert main(["eval", str(trained), *flags, flag, str(value), "--json", str(report_path)]) == 0
+    assert f"memory on, {label}," in capsys.readouterr().out
     report = json.loads(report_path.read_text())
-    assert report["memory_forget_scale"] == 0.25
-    # The same answers as the model loaded with the scale as a config override, the transformers way.
-    model = AutoModelForCausalLM.from_pretrained(trained, memory_forget_scale=0.25)
+    assert report[field] == value
+    model = AutoModelForCausalLM.from_pretrained(trained, **{field: value})
     expected = task_accuracy(model, AutoTokenizer.from_pretrained(trained), "passkey", 200, 60, 2)
     assert [r["generated"] for r in report["results"][0]["examples"]] == [r["generated"] for r in expected["examples"]]
 
@@ -258,6 +264,8 @@ def test_generate_and_eval_reject_folders_without_a_model(tmp_path, capsys, trai
         (["--num-examples", "0"], ["--num-examples 0: must be at least 1"]),
         (["--forget-scale", "-1"], ["--forget-scale -1.0: must be a finite number >= 0"]),
         (["--forget-scale", "nan"], ["--forget-scale nan: must be a finite number >= 0"]),
+        (["--max-norm", "0"], ["--max-norm 0.0: must be a finite number > 0"]),
+        (["--max-norm", "inf"], ["--max-norm inf: must be a finite number > 0"]),
     ],
 )
 def test_eval_rejects_bad_input(trained, capsys, flags, fragments):

@@ -16,6 +16,7 @@ sequence scored from a fresh memory. `--no-memory` calls `model.set_memory_write
 stops learning at test time, which leaves only what attention sees (the ablation that shows what the memory adds).
 `--forget-scale S` reads the memory's forgetting as S log(1 - alpha_t) (the config's `memory_forget_scale`): below
 1 the memory keeps its writes longer than it learned to, for contexts longer than the training ones.
+`--max-norm R` bounds every memory weight matrix's Frobenius norm by R where a chunk closes (`memory_max_norm`).
 """
 
 import json
@@ -45,6 +46,10 @@ def add_parser(subparsers):
     parser.add_argument(
         "--forget-scale", type=float, metavar="S",
         help="multiply the memory's log(1 - alpha_t) by S (memory_forget_scale; 0: no forgetting; default: as saved)",
+    )
+    parser.add_argument(
+        "--max-norm", type=float, metavar="R",
+        help="bound each memory weight matrix's norm by R where a chunk closes (memory_max_norm; default: as saved)",
     )
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--json", metavar="OUT", help="write the results (and every answer) to this JSON file")
@@ -88,19 +93,25 @@ def run(args) -> int:
 
     if args.forget_scale is not None and not 0.0 <= args.forget_scale < math.inf:
         raise CommandError(f"--forget-scale {args.forget_scale}: must be a finite number >= 0.")
+    if args.max_norm is not None and not 0.0 < args.max_norm < math.inf:
+        raise CommandError(f"--max-norm {args.max_norm}: must be a finite number > 0.")
 
     model, tokenizer = load_model_and_tokenizer(args.model_dir, device=args.device)
     is_titans = model.config.model_type == "titans"
-    for flag, given in (("--no-memory", args.no_memory), ("--forget-scale", args.forget_scale is not None)):
+    for flag, given in (("--no-memory", args.no_memory), ("--forget-scale", args.forget_scale is not None),
+                        ("--max-norm", args.max_norm is not None)):
         if given and not is_titans:
             raise CommandError(f"{flag} needs a Titans model; {args.model_dir} holds a {model.config.model_type}.")
     if args.no_memory:
         model.set_memory_writes(False)
     if args.forget_scale is not None:
         model.config.memory_forget_scale = args.forget_scale  # the memory layers read it at every call
+    if args.max_norm is not None:
+        model.config.memory_max_norm = args.max_norm
     memory = {"memory": not args.no_memory}
     if is_titans:
         memory["memory_forget_scale"] = model.config.memory_forget_scale
+        memory["memory_max_norm"] = model.config.memory_max_norm
     if text is not None:
         results = score_text(model, tokenizer, text, cells, args)
         report = {"model": args.model_dir, "text_file": args.text_file, **memory, "results": results}
@@ -134,7 +145,9 @@ def read_texts(path: str) -> list[str]:
 def memory_label(args) -> str:
     """How the memory ran, for the printed tables."""
     label = "off (--no-memory)" if args.no_memory else "on"
-    return label if args.forget_scale is None else f"{label}, forget scale {args.forget_scale:g}"
+    if args.forget_scale is not None:
+        label += f", forget scale {args.forget_scale:g}"
+    return label if args.max_norm is None else f"{label}, max norm {args.max_norm:g}"
 
 
 def parse_ints(flag: str, text: str) -> list[int]:
