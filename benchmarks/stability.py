@@ -40,15 +40,10 @@ def add_arguments(parser):
     parser.add_argument("--max-norm", type=float, help="bound each memory weight matrix's norm (memory_max_norm)")
 
 
-def memory_states(cache) -> list:
-    """The neural memory's state of every layer: the whole layer state of a memory-only (LMM) layer."""
-    return [getattr(layer.state, "memory", layer.state) for layer in cache.layers]
-
-
 def state_summary(cache) -> dict:
     """Largest weight and momentum norms over layers and heads, and whether every cache tensor is finite."""
-    weight_norm = max(float(w.norm(dim=(-2, -1)).max()) for memory in memory_states(cache) for w in memory.weights)
-    momentum = [s for memory in memory_states(cache) for s in (memory.momentum or ())]
+    weight_norm = max(float(w.norm(dim=(-2, -1)).max()) for layer in cache.layers for w in layer.state.memory.weights)
+    momentum = [s for layer in cache.layers for s in (layer.state.memory.momentum or ())]
     momentum_norm = max((float(s.norm(dim=(-2, -1)).max()) for s in momentum), default=0.0)
     finite = True
 

@@ -177,8 +177,7 @@ def test_max_norm_bounds_the_memory_and_keeps_prefill_plus_decode_exact(variant)
     with torch.no_grad():
         decoded = prefill_then_decode(model, input_ids, SEQ_LEN // 2 + 1, cache)
     torch.testing.assert_close(decoded, bounded, rtol=0, atol=1e-4)
-    for layer in cache.layers:
-        memory = getattr(layer.state, "memory", layer.state)  # a memory-only layer's state is the memory's
+    for memory in memory_states(cache):
         for weights in memory.snapshot:  # the state at the last chunk boundary
             assert torch.linalg.matrix_norm(weights).max().item() <= max_norm * (1 + 1e-5)
 
@@ -200,7 +199,7 @@ def test_switching_memory_writes_off_changes_the_output_and_back_on_restores_it(
 
 def memory_states(cache):
     """Every layer's memory state (weights M_t, chunk-start weights M_t', momentum S_t) in a cache."""
-    return [getattr(layer.state, "memory", layer.state) for layer in cache.layers]
+    return [layer.state.memory for layer in cache.layers]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

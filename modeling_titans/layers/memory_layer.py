@@ -90,6 +90,12 @@ class NeuralMemoryState(MemoryState):
 
     conv_tail: torch.Tensor | None = None  # (batch, kernel - 1, 3 * hidden): last inputs of the causal convolution
 
+    @property
+    def memory(self) -> NeuralMemoryState:
+        """The layer's memory state under the name the states of MAG, MAL and MAC give it (`state.memory`): a
+        memory-only layer's state is the memory's own."""
+        return self
+
 
 class TitansNeuralMemory(nn.Module):
     """The neural long-term memory as a sequence layer (module docstring). Every token writes (k, v) into the

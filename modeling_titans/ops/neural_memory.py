@@ -75,14 +75,21 @@ def initial_state(initial_weights, batch_size: int, use_momentum: bool = True) -
     return MemoryState(weights=weights, snapshot=weights, momentum=momentum)
 
 
+def selects_no_row(condition: torch.Tensor | bool) -> bool:
+    """Whether `condition` ((batch,) bool, or one bool for every row) is known to be False for every row without
+    stalling: nearly every decoding step no row closes a chunk. On CPU, reading `condition` is free and skips the
+    work on the weights; on an accelerator the read would stall the host, and under torch.compile it would break
+    the graph, so there this says False and the caller selects."""
+    if isinstance(condition, bool):
+        return not condition
+    return condition.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(condition.any())
+
+
 def select_rows(condition: torch.Tensor | bool, if_true: Weights, if_false: Weights) -> Weights:
     """Per-row choice between two sets of weights; `condition` is (batch,) bool, or one bool for every row."""
     if isinstance(condition, bool):
         return if_true if condition else if_false
-    # Nearly every decoding step no row closes a chunk. On CPU, reading `condition` is free and torch.where costs
-    # several elementwise ops on the weights; on an accelerator the read would stall the host, and under
-    # torch.compile it would break the graph, so there it selects.
-    if condition.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(condition.any()):
+    if selects_no_row(condition):
         return if_false
     mask = condition.view(-1, 1, 1, 1)
     return tuple(torch.where(mask, a, b) for a, b in zip(if_true, if_false))
@@ -93,7 +100,7 @@ def bound_norm(weights: Weights, momentum: Weights | None, max_norm: float | Non
     same factor (the rows where `rows` is True; None: no bound). The scans and the decoding step call it where a
     chunk closes, after the chunk's reads: the state carried to the next chunk is bounded, whatever the gates do
     (`docs/architecture.md`, "Bounding the weights")."""
-    if max_norm is None:
+    if max_norm is None or selects_no_row(rows):
         return weights, momentum
     scales = [max_norm / w.norm(dim=(-2, -1), keepdim=True).clamp(min=max_norm) for w in weights]
     bounded = select_rows(rows, tuple(w * scale for w, scale in zip(weights, scales)), weights)
