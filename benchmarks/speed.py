@@ -73,6 +73,10 @@ def add_arguments(parser):
         "--chunk-sizes", type=int, nargs="+", default=None,
         help="train the Titans variants at each of these memory chunk sizes (default: the config's)",
     )
+    parser.add_argument(
+        "--max-norm", type=float, default=None,
+        help="train the Titans variants with memory_max_norm R (the weights bounded where a chunk closes)",
+    )
 
 
 def train_step(
@@ -162,7 +166,7 @@ def main():
             row = {"model": name, "params_M": sizes[name] / 1e6, "tokens": length, "batch": batch_size}
             if name in VARIANTS:
                 row.update(chunk=chunk, scan=mode)
-            overrides = {"memory_chunk_size": chunk} if name in VARIANTS else {}
+            overrides = {"memory_chunk_size": chunk, "memory_max_norm": args.max_norm} if name in VARIANTS else {}
             step = (name, length, batch_size, min(args.train_lengths), args.smoke, args.device, args.threads)
             row.update(run_in_child(train_step, *step, overrides, mode == "compiled", args.train_steps))
             train_rows.append(row)
@@ -200,6 +204,7 @@ def main():
         "decode_steps": args.decode_steps,
         "decode_modes": args.decode_modes,
         "scan_modes": args.scan_modes,
+        "max_norm": args.max_norm,
         "dtype": "float32",
         "parameters": sizes,
         "titans": titans_config("mag", args.smoke).to_dict(),

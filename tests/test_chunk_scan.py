@@ -3,8 +3,8 @@
 
 Exact in float64 (1e-10 relative): reads, the end state (M, M_{t'}, S) and every gradient: q, k, v, the three
 gate inputs (shared or per layer), M_0 and an incoming state (weights, snapshot, momentum), for depth 1-3, momentum
-on/off, forgetting on/off, partial last chunks, trailing padding and any spacing of the saved states; plus gradcheck
-on small shapes.
+on/off, forgetting on/off, bounded weights (`max_norm`), partial last chunks, trailing padding and any spacing of
+the saved states; plus gradcheck on small shapes.
 """
 
 import pytest
@@ -15,7 +15,7 @@ from modeling_titans.ops.chunk_scan import checkpointed_memory_scan
 from modeling_titans.ops.memory_network import add_matmul
 from modeling_titans.ops.neural_memory import MemoryState, initial_state, neural_memory_scan
 
-from test_neural_memory import assert_close, make_problem, network_for
+from test_neural_memory import assert_close, assert_differ, make_problem, middle_norm, network_for
 
 NAMES = ["q", "k", "v", "alpha_logit", "eta_logit", "theta_logit"]
 
@@ -117,6 +117,35 @@ def test_per_layer_gates_with_trailing_padding():
     compare(m0, p, 4, write_mask=write_mask, forgetting=True, scan_kw={"segment_chunks": 2})
 
 
+@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize("use_momentum", [True, False])
+@pytest.mark.parametrize("normalize", [False, True], ids=["plain", "normalized"])
+def test_bounded_weights(depth, use_momentum, normalize):
+    """`max_norm` between the weight matrices' norms, so the projection (and its backward pass) acts on some of
+    them where chunks close and not on others; replayed segments and a partial last chunk. The bound must have
+    changed the result, or the test would not test it."""
+    m0, p = make_problem(depth, 19, seed=depth + 50)
+    max_norm = middle_norm(m0)
+    compare(
+        m0, p, 4, use_momentum=use_momentum, normalize=normalize, max_norm=max_norm, scan_kw={"segment_chunks": 2}
+    )
+    inputs = [p[n] for n in NAMES]
+    bounded = scan_outputs(checkpointed_memory_scan, m0, inputs, 4, use_momentum=use_momentum, max_norm=max_norm)
+    unbounded = scan_outputs(checkpointed_memory_scan, m0, inputs, 4, use_momentum=use_momentum)
+    assert_differ(bounded[0], unbounded[0])
+
+
+def test_bounded_weights_with_padding_per_layer_gates_and_incoming_state():
+    """The projection where each row's own chunk closes (per-row selection of the scales), with gates per memory
+    layer, and from a trained incoming state."""
+    lengths, total = [13, 6, 8, 0], 13
+    m0, p = make_problem(2, total, seed=43, batch=len(lengths), per_layer=True)
+    write_mask = torch.arange(total) < torch.tensor(lengths)[:, None]
+    max_norm = middle_norm(m0)
+    compare(m0, p, 4, write_mask=write_mask, max_norm=max_norm, scan_kw={"segment_chunks": 2})
+    compare(m0, p, 4, write_mask=write_mask, max_norm=max_norm, incoming_state=True, scan_kw={"segment_chunks": 2})
+
+
 def test_per_channel_forgetting_is_refused_not_mistaken():
     """One alpha per output channel is for the autograd scan: the checkpointed one, whose hand-derived backward is
     written for one alpha per head, raises instead of returning wrong gradients."""
@@ -186,19 +215,21 @@ def test_low_precision_inputs_run_in_fp32():
 @pytest.mark.parametrize("use_momentum", [True, False])
 @pytest.mark.parametrize("depth, chunk_size, padded", [(1, 2, False), (2, 2, False), (2, 2, True), (3, 3, False)])
 @pytest.mark.parametrize("normalize", [False, True], ids=["plain", "normalized"])
-def test_gradcheck(depth, chunk_size, padded, use_momentum, normalize):
+@pytest.mark.parametrize("bounded", [False, True], ids=["unbounded", "bounded"])
+def test_gradcheck(depth, chunk_size, padded, use_momentum, normalize, bounded):
     """gradcheck (fp64) w.r.t. q, k, v, the gate logits and M_0, through the inner gradient's second-order terms;
-    5 tokens in segments of 2 chunks, the last chunk partial."""
+    5 tokens in segments of 2 chunks, the last chunk partial; `bounded`: `max_norm` projects some weights."""
     batch, heads, d, length = 2, 1, 3, 5
     write_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]).bool() if padded else None
     m0, p = make_problem(depth, length, seed=9, batch=batch, heads=heads, d=d)
+    max_norm = middle_norm(m0) if bounded else None
     leaves = [p[n].clone().requires_grad_() for n in NAMES] + [w.clone().requires_grad_() for w in m0]
 
     def fn(*tensors):
         return tuple(
             scan_outputs(
                 checkpointed_memory_scan, tensors[6:], tensors[:6], chunk_size, use_momentum=use_momentum,
-                write_mask=write_mask, segment_chunks=2, normalize=normalize,
+                write_mask=write_mask, segment_chunks=2, normalize=normalize, max_norm=max_norm,
             )
         )
 

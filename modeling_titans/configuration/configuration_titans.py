@@ -87,7 +87,7 @@ class TitansConfig(PreTrainedConfig):
       guard for long streams through one cache, where a model's momentum can carry its writes far beyond the
       inner step's bound; like `memory_forget_scale` it can be set on a trained model, and with a bound above the
       norms the model reaches on one document it changes nothing there (`docs/architecture.md`, "Bounding the
-      weights"). Such a layer runs on the autograd scan.
+      weights").
     - `memory_gates_from_input` (default True): alpha_t, eta_t and theta_t are computed from each token; False
       makes each a learned constant per memory head (the data-independent gates of the paper's ablations).
     - `memory_per_layer_gates` (default False): each weight matrix of a deep memory gets its own alpha_t, eta_t and

@@ -211,13 +211,12 @@ class TitansNeuralMemory(nn.Module):
             return neural_memory_step(
                 self.network, state, q, k, v, *gates, closes_chunk, row_mask, self.config.memory_max_norm
             )
-        # The checkpointed scan's hand-derived backward covers scalar gates and unbounded weights only.
-        if self.config.memory_forget_per_channel or self.config.memory_max_norm is not None:
-            return neural_memory_scan(
-                self.network, state, q, k, v, *gates, self.chunk_size, write_mask, self.config.memory_max_norm
-            )
+        max_norm = self.config.memory_max_norm
+        # The checkpointed scan's hand-derived backward covers one forget rate per head only.
+        if self.config.memory_forget_per_channel:
+            return neural_memory_scan(self.network, state, q, k, v, *gates, self.chunk_size, write_mask, max_norm)
         return checkpointed_memory_scan(
-            self.network, state, q, k, v, *gates, self.chunk_size, write_mask, compile_steps=self.compile_scan
+            self.network, state, q, k, v, *gates, self.chunk_size, write_mask, max_norm, compile_steps=self.compile_scan
         )
 
     def project(self, x: torch.Tensor, tokens: TokenInfo, state: NeuralMemoryState):

@@ -49,6 +49,7 @@ from .neural_memory import (
     ChunkCoefficients,
     MemoryState,
     _to_dtype,
+    bound_scales,
     chunk_coefficients,
     chunk_end_state,
     compute_dtype,
@@ -69,6 +70,7 @@ def checkpointed_memory_scan(
     lr: torch.Tensor,
     chunk_size: int,
     write_mask: torch.Tensor | None = None,
+    max_norm: float | None = None,
     segment_chunks: int | None = None,
     compile_steps: bool = False,
 ):
@@ -120,7 +122,7 @@ def checkpointed_memory_scan(
     snapshot = () if snapshot_is_weights else state.snapshot
     steps = compiled_chunk_steps() if compile_steps else EAGER_STEPS
     outputs = _CheckpointedScan.apply(
-        network, steps, chunk_size, closes, segment, depth, snapshot_is_weights, per_layer,
+        network, steps, chunk_size, closes, max_norm, segment, depth, snapshot_is_weights, per_layer,
         queries, keys, values, *coefficients.tensors(), *snapshot, *state.weights, *momentum,
     )
     reads = outputs[0][..., :length, :]
@@ -150,6 +152,40 @@ def _after_chunk_backward(closes, d_weights: list, d_snapshot: list):
     return [add_optional(w, m) for w, m in zip(d_weights, moved)], kept
 
 
+def _bound_in_place(weights: Weights, momentum: Weights | None, max_norm: float, closes: bool | torch.Tensor):
+    """`bound_norm` on the scan's own tensors (no autograd in here), in place. Returns (scales, weights,
+    momentum): what `_bound_backward` needs."""
+    scales = bound_scales(weights, max_norm, closes)
+    for layer, scale in enumerate(scales):
+        weights[layer].mul_(scale)
+        if momentum is not None:
+            momentum[layer].mul_(scale)
+    return scales, weights, momentum
+
+
+def _bound_backward(bound, max_norm: float, d_weights: list, d_momentum: list | None):
+    """Backward of `_bound_in_place`, from the bounded state W' = c W, S' = c S. A matrix inside the ball (c = 1)
+    passes its gradients through. Outside, c = R / ||W|| depends on W:
+        dW = c dW' - (c / R^2) W' (<W', dW'> + <S', dS'>),   dS = c dS'
+    (R = `max_norm`; the second term is the radial part the projection removes). Gradients may be None (zero)."""
+    if bound is None:
+        return d_weights, d_momentum
+    scales, weights, momentum = bound
+    d_weights, d_momentum = list(d_weights), None if d_momentum is None else list(d_momentum)
+    for layer, (scale, w) in enumerate(zip(scales, weights)):
+        d_w = d_weights[layer]
+        d_s = None if d_momentum is None else d_momentum[layer]
+        if d_w is None and d_s is None:
+            continue
+        pairs = [(w, d_w), (None if momentum is None else momentum[layer], d_s)]
+        along = sum(_inner(x, dx) for x, dx in pairs if dx is not None)
+        radial = torch.where(scale < 1, scale / max_norm**2, 0.0) * along
+        d_weights[layer] = -radial * w if d_w is None else torch.addcmul(scale * d_w, radial, w, value=-1)
+        if d_s is not None:
+            d_momentum[layer] = scale * d_s
+    return d_weights, d_momentum
+
+
 class _Segment:
     """The forward pass over one segment of consecutive chunks, in two steps: the writes, chunk after chunk (each
     chunk's gradient factors need the weights its predecessor wrote), then the reads of all its chunks at once
@@ -161,13 +197,17 @@ class _Segment:
     them afterwards would copy every state once more. `chunk_end_state` runs eagerly for that (compiled code
     cannot write into a slot); on CPU, eager into the slot measured faster than compiled plus the copy.
 
+    With `max_norm`, each chunk that closes projects its end state in place (`bound_norm`); `bounds` keeps, per
+    chunk, the scales and the bounded state for the projection's backward pass (None where nothing was bounded).
+
     With `keep_tapes` (the backward pass's replay), it keeps what the backward pass needs: every chunk's starting
     state and `gradient_factors` tape, and the tape of the batched read; it then skips the state after the last
-    chunk, which the backward pass does not use (`end` is None).
+    chunk, which the backward pass does not use unless bounded (`end` is None).
     """
 
     def __init__(
-        self, network, steps, chunk_size, closes, first, state, queries, keys, values, coefficients, keep_tapes
+        self, network, steps, chunk_size, closes, max_norm, first, state, queries, keys, values, coefficients,
+        keep_tapes,
     ):
         snapshot, weights, momentum = state
         chunk_coefficients = coefficients.unbind(-3)
@@ -181,7 +221,7 @@ class _Segment:
                 None if self.momentum is None else tuple(stack[:, :, j] for stack in self.momentum),
             )
 
-        self.starts, self.factor_tapes = [], []
+        self.starts, self.factor_tapes, self.bounds = [], [], [None] * num_chunks
         inputs, errors = [], []
         parts = zip(keys.split(chunk_size, dim=-2), values.split(chunk_size, dim=-2), chunk_coefficients)
         for j, (k, v, chunk_coeffs) in enumerate(parts):
@@ -193,11 +233,14 @@ class _Segment:
             errors.append(chunk_errors)
             self.factor_tapes.append(tape)
             last = j == num_chunks - 1
-            if last and keep_tapes:
+            bounded = max_norm is not None and closes[first + j] is not False
+            if last and keep_tapes and not bounded:
                 break
             # Into the next chunk's slots; after the last chunk, tensors of their own (the segment's end, a checkpoint).
             out = None if last else slot(j + 1)
             weights, momentum = chunk_end_state(weights, momentum, chunk_inputs, chunk_errors, chunk_coeffs, out)
+            if bounded:  # its backward needs the bounded end state: the replay computes the last chunk's too
+                self.bounds[j] = _bound_in_place(weights, momentum, max_norm, closes[first + j])
             snapshot = _after_chunk(closes[first + j], weights, snapshot)
         self.end = None if keep_tapes else (snapshot, weights, momentum)
 
@@ -230,8 +273,8 @@ class _CheckpointedScan(torch.autograd.Function):
     Outputs: reads (batch, heads, N c, d), then the end state's weights, snapshot and momentum."""
 
     @staticmethod
-    def forward(ctx, network, steps, chunk_size, closes, segment, depth, snapshot_is_weights, per_layer, queries,
-                keys, values, *tensors):
+    def forward(ctx, network, steps, chunk_size, closes, max_norm, segment, depth, snapshot_is_weights, per_layer,
+                queries, keys, values, *tensors):
         # Nothing carries a graph in here. Detached (and M_0, which comes expanded over the batch, contiguous), the
         # inputs look alike in training and inference and the incoming state like every later chunk's, so the
         # compiled steps (`compiled_chunk_steps`) need no extra graphs for them.
@@ -244,9 +287,10 @@ class _CheckpointedScan(torch.autograd.Function):
         reads, saved = [], []
         for first, tokens, segment_coefficients in _segments(coefficients, segment, chunk_size):
             saved.append(state)
+            segment_inputs = (x[..., tokens, :] for x in (queries, keys, values))
             run = _Segment(
-                network, steps, chunk_size, closes, first, state, *(x[..., tokens, :] for x in (queries, keys, values)),
-                segment_coefficients, keep_tapes=False,
+                network, steps, chunk_size, closes, max_norm, first, state, *segment_inputs, segment_coefficients,
+                keep_tapes=False,
             )
             reads.append(run.reads)
             state = run.end
@@ -255,7 +299,9 @@ class _CheckpointedScan(torch.autograd.Function):
         # a tensor of its own.
         snapshot = tuple(p.clone() for p in snapshot)
         has_momentum = momentum is not None
-        ctx.layout = (network, steps, chunk_size, closes, segment, depth, has_momentum, snapshot_is_weights, per_layer)
+        ctx.layout = (
+            network, steps, chunk_size, closes, max_norm, segment, depth, has_momentum, snapshot_is_weights, per_layer
+        )
         flat_saved = [t for s in saved for part in s if part is not None for t in part]
         ctx.save_for_backward(queries, keys, values, *(t for t in coefficient_tensors if t is not None), *flat_saved)
         ctx.has_coefficient = [t is not None for t in coefficient_tensors]
@@ -265,7 +311,9 @@ class _CheckpointedScan(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, d_reads, *d_state):
-        network, steps, chunk_size, closes, segment, depth, has_momentum, snapshot_is_weights, per_layer = ctx.layout
+        network, steps, chunk_size, closes, max_norm, segment, depth, has_momentum, snapshot_is_weights, per_layer = (
+            ctx.layout
+        )
         saved = list(ctx.saved_tensors)
         queries, keys, values = saved[:3]
         coefficient_tensors = [saved.pop(3) if present else None for present in ctx.has_coefficient]
@@ -282,9 +330,10 @@ class _CheckpointedScan(torch.autograd.Function):
         segments = list(_segments(ChunkCoefficients(*coefficient_tensors, per_layer=per_layer), segment, chunk_size))
         for (first, tokens, coefficients), saved_state in reversed(list(zip(segments, checkpoints))):
             state = (saved_state[:depth], saved_state[depth : 2 * depth], saved_state[2 * depth :] or None)
+            segment_inputs = (x[..., tokens, :] for x in (queries, keys, values))
             run = _Segment(
-                network, steps, chunk_size, closes, first, state, *(x[..., tokens, :] for x in (queries, keys, values)),
-                coefficients, keep_tapes=True,
+                network, steps, chunk_size, closes, max_norm, first, state, *segment_inputs, coefficients,
+                keep_tapes=True,
             )
             # The reads' backward needs no gradient from later chunks: all the segment's chunks at once.
             segment_d_reads = d_reads[..., tokens, :].unflatten(-2, (-1, chunk_size))
@@ -300,6 +349,7 @@ class _CheckpointedScan(torch.autograd.Function):
             for j in reversed(range(len(run.starts))):
                 snapshot, weights, momentum = run.starts[j]
                 d_weights, d_snapshot = _after_chunk_backward(closes[first + j], d_weights, d_snapshot)
+                d_weights, d_momentum = _bound_backward(run.bounds[j], max_norm, d_weights, d_momentum)
                 read_grads = [
                     None if layers is None else [r[:, :, j] for r in layers]
                     for layers in (read_weights, read_momentum, read_inputs, read_errors)
@@ -331,7 +381,7 @@ class _CheckpointedScan(torch.autograd.Function):
         if snapshot_is_weights:  # one input, two roles: its gradient is the sum
             d_weights, d_snapshot = [add_optional(w, p) for w, p in zip(d_weights, d_snapshot)], []
         state_grads = (*d_snapshot, *d_weights, *(d_momentum or ()))
-        return (None,) * 8 + (*sequence_grads, *coefficient_grads, *state_grads)
+        return (None,) * 9 + (*sequence_grads, *coefficient_grads, *state_grads)
 
 
 def _segments(coefficients: ChunkCoefficients, segment: int, chunk_size: int):

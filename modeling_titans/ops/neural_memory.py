@@ -95,6 +95,16 @@ def select_rows(condition: torch.Tensor | bool, if_true: Weights, if_false: Weig
     return tuple(torch.where(mask, a, b) for a, b in zip(if_true, if_false))
 
 
+def bound_scales(weights: Weights, max_norm: float, rows: torch.Tensor | bool = True) -> list[torch.Tensor]:
+    """Per weight matrix of every head, (batch, heads, 1, 1): the factor min(1, max_norm / ||W||_F) that projects it
+    onto the ball ||W||_F <= `max_norm`; 1 in the rows where `rows` is False."""
+    # Clamped after the division: exactly 1 inside the ball (max_norm / max(||W||, max_norm) can round to 1 - 1e-16).
+    scales = [(max_norm / w.norm(dim=(-2, -1), keepdim=True)).clamp(max=1.0) for w in weights]
+    if isinstance(rows, bool):
+        return scales if rows else [torch.ones_like(s) for s in scales]
+    return [torch.where(rows.view(-1, 1, 1, 1), s, 1.0) for s in scales]
+
+
 def bound_norm(weights: Weights, momentum: Weights | None, max_norm: float | None, rows: torch.Tensor | bool = True):
     """Projects each weight matrix of every head onto the ball ||W||_F <= `max_norm` and scales its momentum by the
     same factor (the rows where `rows` is True; None: no bound). The scans and the decoding step call it where a
@@ -102,11 +112,11 @@ def bound_norm(weights: Weights, momentum: Weights | None, max_norm: float | Non
     (`docs/architecture.md`, "Bounding the weights")."""
     if max_norm is None or selects_no_row(rows):
         return weights, momentum
-    scales = [max_norm / w.norm(dim=(-2, -1), keepdim=True).clamp(min=max_norm) for w in weights]
-    bounded = select_rows(rows, tuple(w * scale for w, scale in zip(weights, scales)), weights)
+    scales = bound_scales(weights, max_norm, rows)
+    weights = tuple(w * scale for w, scale in zip(weights, scales))
     if momentum is not None:
-        momentum = select_rows(rows, tuple(s * scale for s, scale in zip(momentum, scales)), momentum)
-    return bounded, momentum
+        momentum = tuple(s * scale for s, scale in zip(momentum, scales))
+    return weights, momentum
 
 
 def _pairwise_decay(log_cumulative: torch.Tensor) -> torch.Tensor:
