@@ -39,14 +39,23 @@ DEMO_PRESET = "demo"
 # the task in its budget; MAC needs a larger inner step: at 1.5 it stays near chance, at 2.0 it learns the task
 # (benchmarks/README.md, "The demo's recipe for each variant").
 DEMO_VARIANT_FIELDS = {"mac": {"memory_lr_max": 2.0}}
+# Fields a deep memory (depth >= 2, the paper's memory MLP) changes in the demo preset. It needs a larger inner step
+# still: at theta_max 1.5 a depth-2 MAG stays near chance for the demo's 2000 steps, at 3.0 it learns the task and
+# carries the code further than the matrix memory (benchmarks/README.md, "Deep vs matrix memory on recall").
+DEMO_DEEP_MEMORY_FIELDS = {"memory_lr_max": 3.0}
 
 
-def demo_config(preset: str = DEMO_PRESET, variant: str | None = None):
-    """The demo's model: `preset` with `variant` (default: the preset's); the demo preset also gets the fields
-    that variant needs to learn the task (`DEMO_VARIANT_FIELDS`). ValueError for an unknown preset or variant."""
+def demo_config(preset: str = DEMO_PRESET, variant: str | None = None, memory_depth: int | None = None):
+    """The demo's model: `preset` with `variant` and `memory_depth` (default: the preset's); the demo preset also
+    gets the fields that variant and a deep memory need to learn the task (`DEMO_VARIANT_FIELDS`,
+    `DEMO_DEEP_MEMORY_FIELDS`). ValueError for an unknown preset or variant, or a depth below 1."""
     fields = {} if variant is None else {"variant": variant}
+    if memory_depth is not None:
+        fields["memory_depth"] = memory_depth
     if preset == DEMO_PRESET:
         fields.update(DEMO_VARIANT_FIELDS.get(variant, {}))
+        if memory_depth is not None and memory_depth > 1:
+            fields.update(DEMO_DEEP_MEMORY_FIELDS)
     return TitansConfig.from_preset(preset, **fields)
 
 
@@ -147,6 +156,7 @@ def run_demo(
         "task": TASK,
         "model": {
             "variant": config.variant,
+            "memory_depth": config.memory_depth,
             "num_parameters": model.num_parameters(),
             "attention_window": window,
             "model_dir": model_dir,

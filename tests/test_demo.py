@@ -103,6 +103,7 @@ def test_phase_steps_cover_all_steps():
         (["--seq-lens", "abc"], "--seq-lens"),
         (["--preset", "nonexistent"], "Unknown Titans preset"),
         (["--learning-rate", "-1"], "--learning-rate"),
+        (["--memory-depth", "0"], "--memory-depth 0"),
     ],
 )
 def test_bad_arguments_are_one_line_errors(flags, message, capsys, tmp_path):
@@ -122,3 +123,26 @@ def test_demo_config_gives_mac_the_larger_inner_rate_of_the_demo_preset_only():
     assert demo_config("tiny", "mac").memory_lr_max == TitansConfig.from_preset("tiny").memory_lr_max
     with pytest.raises(ValueError, match="variant"):
         demo_config(variant="xyz")
+
+
+def test_demo_config_gives_a_deep_memory_its_larger_inner_rate_in_the_demo_preset_only():
+    from modeling_titans.configuration import TitansConfig
+    from modeling_titans.demo import DEMO_DEEP_MEMORY_FIELDS, demo_config
+
+    preset = TitansConfig.from_preset("demo")
+    assert demo_config(memory_depth=1).to_dict() == preset.to_dict()
+    deep = demo_config(memory_depth=2)
+    assert (deep.memory_depth, deep.memory_lr_max) == (2, DEMO_DEEP_MEMORY_FIELDS["memory_lr_max"])
+    assert preset.memory_lr_max < deep.memory_lr_max
+    assert demo_config(variant="mac", memory_depth=3).memory_lr_max == DEMO_DEEP_MEMORY_FIELDS["memory_lr_max"]
+    tiny = demo_config("tiny", memory_depth=2)
+    assert (tiny.memory_depth, tiny.memory_lr_max) == (2, TitansConfig.from_preset("tiny").memory_lr_max)
+
+
+def test_quick_demo_with_a_deep_memory_saves_and_reports_it(tmp_path):
+    assert main(["demo", "--quick", "--memory-depth", "3", "--output-dir", str(tmp_path)]) == 0
+    with open(tmp_path / RESULTS_NAME) as f:
+        results = json.load(f)
+    assert results["model"]["memory_depth"] == 3
+    with open(os.path.join(results["model"]["model_dir"], "config.json")) as f:
+        assert json.load(f)["memory_depth"] == 3

@@ -3,6 +3,7 @@
     titans demo                                  # about 10 minutes on one CPU core, no internet
     titans demo --steps 3000 --seed 1            # longer training, another seed
     titans demo --train-baseline                 # also train a same-size model whose memory never learns
+    titans demo --memory-depth 2                 # the paper's deep memory instead of a matrix memory
     titans demo --quick                          # seconds: a tiny model and a few steps (checks the plumbing)
 """
 
@@ -30,6 +31,11 @@ def add_parser(subparsers):
     parser.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR, metavar="DIR", help="replaces an earlier demo there")
     parser.add_argument("--preset", default="demo", help="model size")
     parser.add_argument("--variant", help="mac, mag, mal or lmm (default: the preset's)")
+    parser.add_argument(
+        "--memory-depth", type=int,
+        help="layers of the memory MLP (default: the preset's; the demo's is 1, a matrix memory); 2 or more is the "
+        "paper's deep memory, trained with the larger inner step it needs",
+    )
     parser.add_argument("--steps", type=int, default=2000, help="training steps in all phases")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=3e-3)
@@ -65,7 +71,7 @@ def run(args) -> int:
     torch.set_num_threads(args.threads)
     started = time.time()
     try:
-        config = demo_config(args.preset, args.variant)
+        config = demo_config(args.preset, args.variant, args.memory_depth)
     except ValueError as error:
         raise CommandError(str(error)) from error
     transformers_logging.disable_progress_bar()  # no "Writing model shards" bars between the demo's tables
@@ -99,7 +105,7 @@ def check_arguments(args) -> list[int]:
     """The curriculum's sequence lengths; CommandError for values that cannot run."""
     from ..tasks import shortest_sequence
 
-    for flag in ("steps", "batch_size", "eval_every", "eval_examples", "threads"):
+    for flag in ("steps", "batch_size", "eval_every", "eval_examples", "threads", "memory_depth"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise CommandError(f"--{flag.replace('_', '-')} {value}: must be at least 1.")
