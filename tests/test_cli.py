@@ -126,6 +126,41 @@ def test_eval_memory_settings_apply_to_the_run(trained, tmp_path, capsys, flag, 
     assert [r["generated"] for r in report["results"][0]["examples"]] == [r["generated"] for r in expected["examples"]]
 
 
+def test_eval_forget_scale_length_scales_each_length_by_the_training_length(trained, tmp_path, capsys):
+    """`--forget-scale length` reads the forgetting at T tokens with s = (training length) / T, at most 1: the
+    200-token model keeps s = 1 at 200 tokens and gets 0.5 at 400, each length answering as the model loaded with
+    that scale; `--trained-length` overrides the summary's length."""
+    report_path = tmp_path / "report.json"
+    flags = ["--task", "passkey", "--lengths", "200,400", "--distances", "60", "--num-examples", "2"]
+    assert main(["eval", str(trained), *flags, "--forget-scale", "length", "--json", str(report_path)]) == 0
+    assert "forget scale 1 at 200, 0.5 at 400" in capsys.readouterr().out
+    report = json.loads(report_path.read_text())
+    assert report["memory_forget_scale"] == "length"
+    assert report["memory_forget_scale_per_length"] == {"200": 1.0, "400": 0.5}
+    tokenizer = AutoTokenizer.from_pretrained(trained)
+    for cell, scale in zip(report["results"], (1.0, 0.5)):
+        model = AutoModelForCausalLM.from_pretrained(trained, memory_forget_scale=scale)
+        expected = task_accuracy(model, tokenizer, "passkey", cell["length"], 60, 2)
+        assert [r["generated"] for r in cell["examples"]] == [r["generated"] for r in expected["examples"]]
+
+    flags += ["--forget-scale", "length", "--trained-length", "100", "--json", str(report_path)]
+    assert main(["eval", str(trained), *flags]) == 0
+    assert json.loads(report_path.read_text())["memory_forget_scale_per_length"] == {"200": 0.5, "400": 0.25}
+
+
+def test_eval_forget_scale_length_needs_the_training_length(trained, tmp_path, capsys):
+    bare = tmp_path / "bare"  # saved with save_pretrained: no training summary
+    shutil.copytree(trained, bare)
+    (bare / "training_summary.json").unlink()
+    flags = ["--task", "passkey", "--lengths", "200", "--num-examples", "1"]
+    assert main(["eval", str(bare), *flags, "--forget-scale", "length"]) == 2
+    assert_one_line_error(capsys, "eval", "--forget-scale length needs the training length", "--trained-length N")
+    assert main(["eval", str(bare), *flags, "--forget-scale", "length", "--trained-length", "0"]) == 2
+    assert_one_line_error(capsys, "eval", "--trained-length 0: must be at least 1")
+    assert main(["eval", str(trained), *flags, "--trained-length", "200"]) == 2
+    assert_one_line_error(capsys, "eval", "--trained-length is for --forget-scale length")
+
+
 def test_resume_continues_the_step_count_and_the_loss_curve(tmp_path):
     uninterrupted = tmp_path / "uninterrupted"
     assert train(uninterrupted, "--task", "babi", "--max-steps", "4", "--save-steps", "2", "--eval-steps", "2") == 0
@@ -262,8 +297,8 @@ def test_generate_and_eval_reject_folders_without_a_model(tmp_path, capsys, trai
         (["--lengths", "50"], ["Length 50 does not fit the passkey task: use 169 to"]),
         (["--lengths", "200", "--distances", "5"], ["Needle distance 5 does not fit length 200"]),
         (["--num-examples", "0"], ["--num-examples 0: must be at least 1"]),
-        (["--forget-scale", "-1"], ["--forget-scale -1.0: must be a finite number >= 0"]),
-        (["--forget-scale", "nan"], ["--forget-scale nan: must be a finite number >= 0"]),
+        (["--forget-scale", "-1"], ["--forget-scale -1: must be a finite number >= 0, or `length`"]),
+        (["--forget-scale", "nan"], ["--forget-scale nan: must be a finite number >= 0, or `length`"]),
         (["--max-norm", "0"], ["--max-norm 0.0: must be a finite number > 0"]),
         (["--max-norm", "inf"], ["--max-norm inf: must be a finite number > 0"]),
     ],

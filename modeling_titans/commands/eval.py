@@ -3,6 +3,7 @@
     titans eval runs/passkey --task passkey --lengths 256,1024 --distances 64,512 --json results.json
     titans eval runs/passkey --task passkey --no-memory      # the same model with its memory frozen at M_0
     titans eval runs/passkey --lengths 65536 --forget-scale 0   # the memory forgets nothing at test time
+    titans eval runs/passkey --lengths 16384,65536 --forget-scale length   # forgetting scaled to each length
     titans eval runs/book --text-file held_out.txt --lengths 512,2048   # bits per byte at each context length
 
 Task mode: exact-match accuracy of greedy answers per context length and needle distance (see
@@ -16,6 +17,9 @@ sequence scored from a fresh memory. `--no-memory` calls `model.set_memory_write
 stops learning at test time, which leaves only what attention sees (the ablation that shows what the memory adds).
 `--forget-scale S` reads the memory's forgetting as S log(1 - alpha_t) (the config's `memory_forget_scale`): below
 1 the memory keeps its writes longer than it learned to, for contexts longer than the training ones.
+`--forget-scale length` sets S = (training length) / (context length), at most 1, for each length: the memory
+then forgets over the whole context what it forgot over one training sequence. The training length is the longest
+`--seq-len` of the model's `training_summary.json`, or `--trained-length N`.
 `--max-norm R` bounds every memory weight matrix's Frobenius norm by R where a chunk closes (`memory_max_norm`).
 """
 
@@ -44,8 +48,13 @@ def add_parser(subparsers):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-memory", action="store_true", help="freeze the neural memory (no test-time writes)")
     parser.add_argument(
-        "--forget-scale", type=float, metavar="S",
-        help="multiply the memory's log(1 - alpha_t) by S (memory_forget_scale; 0: no forgetting; default: as saved)",
+        "--forget-scale", metavar="S",
+        help="multiply the memory's log(1 - alpha_t) by S (memory_forget_scale; 0: no forgetting; default: as saved), "
+        "or `length`: S = training length / context length, at most 1, for each length",
+    )
+    parser.add_argument(
+        "--trained-length", type=int, metavar="N",
+        help="the longest training sequence, for --forget-scale length (default: from training_summary.json)",
     )
     parser.add_argument(
         "--max-norm", type=float, metavar="R",
@@ -65,9 +74,9 @@ def run(args) -> int:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise CommandError(f"--{flag.replace('_', '-')} {value}: must be at least 1.")
-    default_length = trained.get("training", {}).get("seq_len", 256)
-    default_length = max(default_length) if isinstance(default_length, list) else default_length
-    lengths = parse_ints("--lengths", args.lengths) if args.lengths else [default_length]
+    trained_length = trained.get("training", {}).get("seq_len")
+    trained_length = max(trained_length) if isinstance(trained_length, list) else trained_length
+    lengths = parse_ints("--lengths", args.lengths) if args.lengths else [trained_length or 256]
     text = None
     if args.text_file:
         if args.distances:
@@ -91,8 +100,8 @@ def run(args) -> int:
             except ValueError as error:
                 raise CommandError(str(error)) from None
 
-    if args.forget_scale is not None and not 0.0 <= args.forget_scale < math.inf:
-        raise CommandError(f"--forget-scale {args.forget_scale}: must be a finite number >= 0.")
+    forget_scale = parse_forget_scale(args.forget_scale)
+    forget_scales = forget_scale_per_length(forget_scale, lengths, args.trained_length, trained_length, args.model_dir)
     if args.max_norm is not None and not 0.0 < args.max_norm < math.inf:
         raise CommandError(f"--max-norm {args.max_norm}: must be a finite number > 0.")
 
@@ -104,19 +113,19 @@ def run(args) -> int:
             raise CommandError(f"{flag} needs a Titans model; {args.model_dir} holds a {model.config.model_type}.")
     if args.no_memory:
         model.set_memory_writes(False)
-    if args.forget_scale is not None:
-        model.config.memory_forget_scale = args.forget_scale  # the memory layers read it at every call
     if args.max_norm is not None:
         model.config.memory_max_norm = args.max_norm
     memory = {"memory": not args.no_memory}
     if is_titans:
-        memory["memory_forget_scale"] = model.config.memory_forget_scale
+        memory["memory_forget_scale"] = model.config.memory_forget_scale if forget_scale is None else forget_scale
         memory["memory_max_norm"] = model.config.memory_max_norm
+    if forget_scale == "length":
+        memory["memory_forget_scale_per_length"] = forget_scales
     if text is not None:
-        results = score_text(model, tokenizer, text, cells, args)
+        results = score_text(model, tokenizer, text, cells, args, forget_scales)
         report = {"model": args.model_dir, "text_file": args.text_file, **memory, "results": results}
     else:
-        results = answer_task(model, tokenizer, task, cells, args)
+        results = answer_task(model, tokenizer, task, cells, args, forget_scales)
         report = {"model": args.model_dir, "task": task, "split": args.split, **memory, "seed": args.seed,
                   "results": results}
     if args.json:
@@ -136,17 +145,57 @@ def read_training_summary(model_dir: str) -> dict:
         return json.load(f)
 
 
+def parse_forget_scale(text: str | None) -> float | str | None:
+    """`--forget-scale`: None (as saved), a finite number >= 0, or "length"."""
+    if text is None or text == "length":
+        return text
+    try:
+        scale = float(text)
+    except ValueError:
+        scale = math.nan
+    if not 0.0 <= scale < math.inf:
+        raise CommandError(f"--forget-scale {text}: must be a finite number >= 0, or `length`.")
+    return scale
+
+
+def forget_scale_per_length(forget_scale, lengths: list[int], given_length, saved_length, model_dir: str):
+    """{context length: memory_forget_scale}, or None to keep the saved scale. For "length", N / length (at most 1),
+    N the training length (`--trained-length`, else the summary's): over a context of T tokens the memory then
+    keeps (1 - alpha)^(s T), what it kept over one training sequence, the length its forget rates were learned at."""
+    if given_length is not None and forget_scale != "length":
+        raise CommandError("--trained-length is for --forget-scale length.")
+    if given_length is not None and given_length < 1:
+        raise CommandError(f"--trained-length {given_length}: must be at least 1.")
+    if forget_scale != "length":
+        return None if forget_scale is None else dict.fromkeys(lengths, forget_scale)
+    trained_length = saved_length if given_length is None else given_length
+    if trained_length is None:
+        raise CommandError(
+            f"--forget-scale length needs the training length: {model_dir} has no training_summary.json with it; "
+            "pass --trained-length N."
+        )
+    return {length: min(1.0, trained_length / length) for length in lengths}
+
+
+def set_forget_scale(model, forget_scales: dict | None, length: int):
+    """Reads the forgetting of every memory at `length` tokens as `--forget-scale` asked (no-op without it)."""
+    if forget_scales is not None:
+        model.config.memory_forget_scale = forget_scales[length]  # the memory layers read it at every call
+
+
 def read_texts(path: str) -> list[str]:
     from ..data import load_text_dataset
 
     return list(load_text_dataset([path])["text"])
 
 
-def memory_label(args) -> str:
+def memory_label(args, forget_scales: dict | None) -> str:
     """How the memory ran, for the printed tables."""
     label = "off (--no-memory)" if args.no_memory else "on"
-    if args.forget_scale is not None:
-        label += f", forget scale {args.forget_scale:g}"
+    if forget_scales is not None and len(set(forget_scales.values())) == 1:
+        label += f", forget scale {next(iter(forget_scales.values())):g}"
+    elif forget_scales is not None:
+        label += ", forget scale " + ", ".join(f"{scale:.3g} at {length}" for length, scale in forget_scales.items())
     return label if args.max_norm is None else f"{label}, max norm {args.max_norm:g}"
 
 
@@ -160,7 +209,7 @@ def parse_ints(flag: str, text: str) -> list[int]:
     return values
 
 
-def answer_task(model, tokenizer, task: str, cells, args) -> list[dict]:
+def answer_task(model, tokenizer, task: str, cells, args, forget_scales: dict | None) -> list[dict]:
     from tqdm.auto import tqdm
 
     from ..evaluation import task_accuracy
@@ -169,6 +218,7 @@ def answer_task(model, tokenizer, task: str, cells, args) -> list[dict]:
     results = []
     with tqdm(total=len(cells) * args.num_examples, desc="answering", unit="example") as bar:
         for length, distance in cells:
+            set_forget_scale(model, forget_scales, length)
             results.append(
                 task_accuracy(
                     model, tokenizer, task, length, distance, args.num_examples, args.split, args.seed,
@@ -176,7 +226,7 @@ def answer_task(model, tokenizer, task: str, cells, args) -> list[dict]:
                 )
             )
     window = attention_reach(model.config) if getattr(model.config, "model_type", None) == "titans" else None
-    print(f"\n{task} ({args.split} split), memory {memory_label(args)}, {args.model_dir}")
+    print(f"\n{task} ({args.split} split), memory {memory_label(args, forget_scales)}, {args.model_dir}")
     header = f"{'length':>8} {'distance':>9} {'tokens':>8} {'/ window':>9} {'accuracy':>9}  correct"
     print(header)
     print("-" * len(header))
@@ -192,13 +242,14 @@ def answer_task(model, tokenizer, task: str, cells, args) -> list[dict]:
     return results
 
 
-def score_text(model, tokenizer, texts: list[str], lengths: list[int], args) -> list[dict]:
+def score_text(model, tokenizer, texts: list[str], lengths: list[int], args, forget_scales: dict | None) -> list[dict]:
     from tqdm.auto import tqdm
 
     from ..evaluation import text_bits_per_byte
 
     results = []
     for length in lengths:
+        set_forget_scale(model, forget_scales, length)
         with tqdm(desc=f"scoring {length}-token sequences", unit="sequence") as bar:
             try:
                 results.append(
@@ -206,7 +257,7 @@ def score_text(model, tokenizer, texts: list[str], lengths: list[int], args) -> 
                 )
             except ValueError as error:
                 raise CommandError(f"{args.text_file}: {error}") from None
-    print(f"\n{args.text_file}, memory {memory_label(args)}, {args.model_dir}")
+    print(f"\n{args.text_file}, memory {memory_label(args, forget_scales)}, {args.model_dir}")
     header = f"{'length':>8} {'sequences':>10} {'bits/byte':>10} {'perplexity':>11}"
     print(header)
     print("-" * len(header))
