@@ -6,7 +6,8 @@ recalling codes placed far beyond its attention window, and answer one prompt th
    through a length curriculum: short sequences first (few filler tokens write into the memory, so the signal
    that teaches the memory to store the code is strong), then longer ones. The needle always lies beyond the
    attention window (the question alone is longer than the window), so attention alone cannot answer.
-2. Saves the model and tokenizer to `DIR/model` (loadable with the Auto classes).
+2. Saves the model and tokenizer to `DIR/model` (loadable with the Auto classes), with the `training_summary.json`
+   that `titans train` writes (`titans eval DIR/model` then knows the task and the training length).
 3. Measures exact-match recall on the test split with needles at `WINDOW_MULTIPLES` times the attention reach,
    as trained and with the memory's test-time writes switched off (`model.set_memory_writes(False)`), which
    leaves attention alone with the needle out of its reach; optionally also a same-size model trained with its
@@ -27,7 +28,7 @@ from .evaluation import sequence_length_for, task_accuracy
 from .layers.token_mixers import attention_reach
 from .modeling import TitansForCausalLM
 from .tasks import answer_is_correct, generate_examples
-from .training import train_on_tasks
+from .training import save_training_summary, train_on_tasks
 
 TASK = "passkey"
 # Test needle distances, in attention reaches. The farthest (2K tokens back for the demo preset) lies 5x beyond the
@@ -141,6 +142,17 @@ def run_demo(
     model_dir = os.path.join(output_dir, "model")
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
+    save_training_summary(
+        {
+            "model": {"variant": config.variant, "memory_depth": config.memory_depth,
+                      "num_parameters": model.num_parameters()},
+            "data": {"task": TASK},
+            "training": {"seq_len": seq_lens, "steps": steps, "batch_size": batch_size, "learning_rate": learning_rate,
+                         "seed": seed, "seconds_this_run": history["seconds"]},
+            "loss_curve": {"train": history["train_loss"], "eval": history["validation_loss"]},
+        },
+        model_dir,
+    )
 
     rows = {"Titans (memory on)": recall(model, tokenizer, eval_length, distances, eval_examples, seed, True)}
     rows["same model, memory writes off"] = recall(model, tokenizer, eval_length, distances, eval_examples, seed, False)

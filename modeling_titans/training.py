@@ -303,6 +303,13 @@ def prepare_output_dir(output_dir: str, resume, overwrite: bool, delete: bool = 
     return None
 
 
+def save_training_summary(summary: dict, model_dir: str):
+    """Writes `training_summary.json` beside a saved model: `titans eval` reads the task and the training length
+    from it, the model card shows it."""
+    with open(os.path.join(model_dir, SUMMARY_NAME), "w") as f:
+        json.dump(summary, f, indent=2)
+
+
 def training_summary(model, trainer, settings: dict, data: dict, seconds: float) -> dict:
     """What `titans train` records beside the model in `training_summary.json` (read by the model card)."""
     steps = trainer.state.global_step
@@ -342,6 +349,7 @@ __all__ = [
     "newest_complete_checkpoint",
     "phase_steps",
     "prepare_output_dir",
+    "save_training_summary",
     "task_curriculum",
     "text_datasets",
     "train",

@@ -60,6 +60,22 @@ def test_quick_demo_writes_results_and_a_loadable_model(quick_run, capsys):
     assert os.path.isfile(os.path.join(model_dir, "model.safetensors"))
 
 
+def test_quick_demo_records_its_training_for_titans_eval(quick_run, tmp_path):
+    """The saved model carries the `training_summary.json` of `titans train`: `titans eval` takes the task and the
+    training length from it, so `--forget-scale length` needs no `--trained-length`."""
+    output_dir, _ = quick_run
+    model_dir = output_dir / "model"
+    summary = json.loads((model_dir / "training_summary.json").read_text())
+    assert summary["data"]["task"] == "passkey"
+    assert summary["training"]["seq_len"] == [176]
+    report_path = tmp_path / "report.json"
+    flags = ["--lengths", "176,352", "--distances", "55", "--num-examples", "1", "--json", str(report_path)]
+    assert main(["eval", str(model_dir), "--forget-scale", "length", *flags]) == 0
+    report = json.loads(report_path.read_text())
+    assert report["task"] == "passkey"
+    assert report["memory_forget_scale_per_length"] == {"176": 1.0, "352": 0.5}
+
+
 def test_quick_demo_prints_the_summary_table(quick_run, capsys):
     # The module fixture ran before capsys of this test: rerun into a fresh directory to see the output.
     output_dir, _ = quick_run

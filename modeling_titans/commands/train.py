@@ -19,7 +19,6 @@ tokenizer and `training_summary.json`. A folder that already holds a run is refu
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from dataclasses import dataclass, field, fields
@@ -153,7 +152,12 @@ def run(args) -> int:
 
     from transformers import set_seed
 
-    from ..training import prepare_output_dir, train, training_summary
+    from ..training import (
+        prepare_output_dir,
+        save_training_summary,
+        train,
+        training_summary,
+    )
 
     # Every process checks the folder (and raises alike); only the main process deletes a run it may replace.
     checkpoint = prepare_output_dir(
@@ -198,8 +202,7 @@ def run(args) -> int:
             "training": {"seq_len": seq_lens[0] if len(seq_lens) == 1 else seq_lens, "resumed_from": os.path.basename(checkpoint) if checkpoint else None},
         }
         summary = training_summary(model, trainer, settings, data_summary, time.time() - started)
-        with open(os.path.join(training_args.output_dir, "training_summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        save_training_summary(summary, training_args.output_dir)
         print(f"Saved the model to {training_args.output_dir} (eval loss {summary['metrics']['final_eval_loss']:.4f}).")
     import torch
 
