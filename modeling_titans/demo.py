@@ -142,13 +142,15 @@ def run_demo(
     model_dir = os.path.join(output_dir, "model")
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
+    described = {
+        "variant": config.variant, "memory_depth": config.memory_depth, "num_parameters": model.num_parameters()
+    }
+    recipe = {key: common[key] for key in ("steps", "batch_size", "learning_rate", "seed")}
     save_training_summary(
         {
-            "model": {"variant": config.variant, "memory_depth": config.memory_depth,
-                      "num_parameters": model.num_parameters()},
+            "model": described,
             "data": {"task": TASK},
-            "training": {"seq_len": seq_lens, "steps": steps, "batch_size": batch_size, "learning_rate": learning_rate,
-                         "seed": seed, "seconds_this_run": history["seconds"]},
+            "training": {"seq_len": seq_lens, **recipe, "seconds_this_run": history["seconds"]},
             "loss_curve": {"train": history["train_loss"], "eval": history["validation_loss"]},
         },
         model_dir,
@@ -167,15 +169,8 @@ def run_demo(
     generation = generate_answer(reloaded, reloaded_tokenizer, eval_length, max(distances), seed)
     return {
         "task": TASK,
-        "model": {
-            "variant": config.variant,
-            "memory_depth": config.memory_depth,
-            "num_parameters": model.num_parameters(),
-            "attention_window": window,
-            "model_dir": model_dir,
-        },
-        "training": {"steps": steps, "batch_size": batch_size, "learning_rate": learning_rate, "seq_lens": seq_lens,
-                     "seed": seed, **history},
+        "model": {**described, "attention_window": window, "model_dir": model_dir},
+        "training": {**recipe, "seq_lens": seq_lens, **history},
         "baseline_training": baseline_history,
         "recall": {
             "eval_length": eval_length,
