@@ -28,11 +28,11 @@ from transformers import AutoTokenizer
 from modeling_titans import TitansConfig, TitansForCausalLM, TitansModel
 
 from modeling_titans.checkpoints import CheckpointError, check_checkpoint, check_finite, read_json, weight_files
+from modeling_titans.training import SUMMARY_NAME
 from .model_card import model_card
 from .remote_code import class_reference, is_package_class, write_remote_code
 
 TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
-TRAINING_SUMMARY_NAME = "training_summary.json"
 README_NAME = "README.md"
 
 
@@ -86,7 +86,7 @@ def export_checkpoint(
     model = TitansForCausalLM.from_pretrained(checkpoint_dir, dtype="auto", use_safetensors=True)
     check_finite(model, checkpoint_dir)
     model.config.auto_map = auto_map(tokenizer)
-    summary_path = os.path.join(checkpoint_dir, TRAINING_SUMMARY_NAME)
+    summary_path = os.path.join(checkpoint_dir, SUMMARY_NAME)
     summary = read_json(summary_path) if os.path.isfile(summary_path) else None
 
     parent = os.path.dirname(os.path.abspath(out_dir))
@@ -102,7 +102,7 @@ def export_checkpoint(
             code_modules.append(type(tokenizer).__module__)
         code_files = write_remote_code(staging, code_modules)
         if summary is not None:
-            shutil.copyfile(summary_path, os.path.join(staging, TRAINING_SUMMARY_NAME))
+            shutil.copyfile(summary_path, os.path.join(staging, SUMMARY_NAME))
         card = model_card(
             config=model.config,
             num_parameters=model.num_parameters(),
